@@ -1,0 +1,199 @@
+"""The ``ray-inspect`` command line: a thin click layer over the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .config import LOSSES, PRECISIONS, InspectConfig, ModelConfig, PrepareConfig, SynthConfig, TrainConfig
+
+
+class OneLineErrors(click.Group):
+    """Expected failures (bad files, bad URLs, bad settings) end as one line, not a traceback."""
+
+    def invoke(self, ctx):
+        from .images import InputError
+        from .storage import StorageError
+
+        try:
+            return super().invoke(ctx)
+        except (InputError, StorageError, FileNotFoundError, ValueError) as exc:
+            click.echo(f"ray-inspect: error: {exc}", err=True)
+            sys.exit(2)
+
+
+def _emit(data: dict, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+@click.group(cls=OneLineErrors)
+@click.version_option(package_name="ray-inspect")
+def main() -> None:
+    """Unsupervised defect segmentation of industrial images (SSIM autoencoder, Bergmann et al. 2019)."""
+
+
+@main.command()
+@click.argument("out")
+@click.option("--texture", default=("plain",), multiple=True, show_default=True,
+              help="Texture(s) to generate; one MVTec-layout root per texture under OUT.")
+@click.option("--train", "n_train", default=SynthConfig.train, show_default=True, help="Defect-free training images.")
+@click.option("--test", "n_test", default=SynthConfig.test_defective, show_default=True, help="Defective test images.")
+@click.option("--good", "n_good", default=SynthConfig.test_good, show_default=True, help="Defect-free test images.")
+@click.option("--validation", "n_val", default=SynthConfig.validation, show_default=True,
+              help="Defect-free validation images (for calibrate).")
+@click.option("--size", default=SynthConfig.size, show_default=True, help="Image side in pixels.")
+@click.option("--seed", default=SynthConfig.seed, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def synth(out, texture, n_train, n_test, n_good, n_val, size, seed, as_json):
+    """Write a deterministic synthetic woven-fabric data set (MVTec AD layout) under OUT/<texture>."""
+    from . import storage
+    from .synth import generate
+
+    results = []
+    for tex in texture:
+        cfg = SynthConfig(texture=tex, size=size, train=n_train, test_defective=n_test, test_good=n_good,
+                          validation=n_val, seed=seed)
+        total = n_train + n_test + n_good + n_val
+        with click.progressbar(length=total, label=f"synth {tex}", file=sys.stderr) as bar:
+            results.append(generate(storage.join(out, tex), cfg, progress=lambda *_: bar.update(1)))
+    _emit({"datasets": results}, as_json, "\n".join(f"{r['out']}: {r['counts']}" for r in results))
+
+
+@main.command()
+@click.argument("dataset")
+@click.argument("patches")
+@click.option("--patches", "n", default=PrepareConfig.patches, show_default=True, help="Number of patches.")
+@click.option("--resize", default="256", show_default=True, help="Downscale training images to PX x PX, or 'none'.")
+@click.option("--channels", default=1, type=click.Choice(["1", "3"]), show_default=True)
+@click.option("--chunk", default=PrepareConfig.chunk, show_default=True, help="Patches per Zarr chunk.")
+@click.option("--seed", default=PrepareConfig.seed, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):
+    """Crop random 128x128 training patches of DATASET into a Zarr v3 array at PATCHES."""
+    from .patches import prepare as run
+
+    size = None if resize.lower() == "none" else int(resize)
+    cfg = PrepareConfig(patches=n, resize=size, channels=int(channels), chunk=chunk, seed=seed)
+    with click.progressbar(length=n, label="patches", file=sys.stderr) as bar:
+        attrs = run(dataset, patches, cfg, progress=bar.update)
+    _emit(attrs, as_json, f"{patches}: {n} patches from {attrs['images']} images, fingerprint {attrs['fingerprint']}")
+
+
+@main.command()
+@click.argument("patches")
+@click.argument("model")
+@click.option("--loss", type=click.Choice(LOSSES), default=ModelConfig.loss, show_default=True)
+@click.option("--latent", default=ModelConfig.latent, show_default=True, help="Latent size d.")
+@click.option("--epochs", default=TrainConfig.epochs, show_default=True)
+@click.option("--batch-size", default=TrainConfig.batch_size, show_default=True)
+@click.option("--lr", default=TrainConfig.lr, show_default=True)
+@click.option("--weight-decay", default=TrainConfig.weight_decay, show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=TrainConfig.precision, show_default=True)
+@click.option("--alexnet-weights", default=None, help="torchvision AlexNet state dict (needed by --loss fm).")
+@click.option("--seed", default=TrainConfig.seed, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, precision, alexnet_weights, seed,
+          as_json):
+    """Train an autoencoder on PATCHES and write the model directory MODEL."""
+    from .patches import open_patches
+    from .train import fit
+
+    if loss == "fm" and not alexnet_weights:
+        raise click.UsageError("--loss fm needs --alexnet-weights FILE (ImageNet AlexNet state dict)")
+    channels = open_patches(patches).shape[1]
+    mcfg = ModelConfig(loss=loss, latent=latent, channels=channels)
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                       precision=precision)
+
+    def on_epoch(s):
+        click.echo(f"epoch {s['epoch']:>4}/{epochs}  loss {s['loss']:.5f}  {s['patches_per_s']:.0f} patches/s",
+                   err=True)
+
+    card = fit(patches, model, mcfg, tcfg, alexnet_weights, on_epoch=on_epoch)
+    _emit({"model": model, "card": json.loads(card.to_json())}, as_json,
+          f"{model}: {loss} model, final loss {card.training['final_loss']:.5f}")
+
+
+def _inspect_cfg(stride, precision, batch_size):
+    return InspectConfig(stride=stride, precision=precision, batch_size=batch_size)
+
+
+inspect_options = [
+    click.option("--stride", default=InspectConfig.stride, show_default=True, help="Window stride in pixels."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default=InspectConfig.precision, show_default=True),
+    click.option("--batch-size", default=InspectConfig.batch_size, show_default=True, help="Tiles per forward."),
+]
+
+
+def _with(options):
+    def deco(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+    return deco
+
+
+@main.command()
+@click.argument("model")
+@click.argument("images")
+@click.option("--min-area", type=int, default=None, help="MVTec rule: no region of A pixels on validation images.")
+@click.option("--fpr", type=float, default=None, help="Target pixel false-positive rate on validation images.")
+@_with(inspect_options)
+@click.option("--json", "as_json", is_flag=True)
+def calibrate(model, images, min_area, fpr, stride, precision, batch_size, as_json):
+    """Set MODEL's threshold from defect-free validation IMAGES (ROOT/validation/good or a folder)."""
+    from .calibrate import calibrate as run
+
+    if (min_area is None) == (fpr is None):
+        raise click.UsageError("give exactly one of --min-area or --fpr")
+    res = run(model, images, min_area, fpr, _inspect_cfg(stride, precision, batch_size))
+    _emit(res, as_json, f"{model}: threshold {res['threshold']:.5g} ({res['rule']}, {res['images']} images)")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("source")
+@click.argument("out")
+@_with(inspect_options)
+@click.option("--threshold", type=float, default=None, help="Override the model card's threshold.")
+@click.option("--json", "as_json", is_flag=True)
+def scan(model, source, out, stride, precision, batch_size, threshold, as_json):
+    """Scan SOURCE (MVTec root or image prefix) with MODEL; write masks, residuals, metrics to OUT.
+
+    Exit status: 0 every image scanned, 3 finished with bad inputs (listed in OUT/errors.jsonl),
+    2 the scan could not run.
+    """
+    from .datasets import list_samples
+    from .report import summary_table
+    from .scan import scan as run
+
+    n = len(list_samples(source))
+    with click.progressbar(length=n, label="scan", file=sys.stderr) as bar:
+        summary = run(model, source, out, _inspect_cfg(stride, precision, batch_size), threshold,
+                      progress=lambda _k: bar.update(1),
+                      on_error=lambda e: click.echo(f"\nskipped {e['url']}: {e['reason']}", err=True))
+    m = summary.get("metrics", {})
+    rep = {**{k: m.get(k) for k in ("pixel_auroc", "au_pro", "image_auroc", "pixel_auroc_opened",
+                                     "au_pro_opened")}, "scan": summary}
+    _emit(summary, as_json, summary_table(rep))
+    sys.exit(summary["exit_code"])
+
+
+@main.command()
+@click.argument("out")
+@click.option("--worst", default=5, show_default=True, help="Overlays of the N highest-scoring images.")
+@click.option("--json", "as_json", is_flag=True)
+def report(out, worst, as_json):
+    """Summarise the scan in OUT: metrics table, roc.png, overlays/ of the worst images."""
+    from .report import summary_table, write_report
+
+    rep = write_report(out, worst)
+    data = {k: rep[k] for k in ("pixel_auroc", "au_pro", "image_auroc", "pixel_auroc_opened", "au_pro_opened")}
+    data.update({"metrics": rep["metrics"], "scan": rep["scan"], "written": rep["written"]})
+    _emit(data, as_json, summary_table(rep) + "\n" + "\n".join(f"wrote {w}" for w in rep["written"]))
+
+
+if __name__ == "__main__":
+    main()

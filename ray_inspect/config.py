@@ -1,0 +1,127 @@
+"""Frozen configuration dataclasses: the single source of defaults (the paper's values)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+LOSSES = ("ssim", "l2", "vae", "fm")
+PRECISIONS = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SSIMConfig:
+    """SSIM parameters (Wang et al. 2004 as used by Bergmann et al.)."""
+
+    window: int = 11
+    sigma: float = 1.5
+    k1: float = 0.01
+    k2: float = 0.03
+    data_range: float = 1.0
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of Table 1: patch size, channels, latent size and the loss it is trained with."""
+
+    loss: str = "ssim"
+    latent: int = 100
+    channels: int = 1
+    patch: int = 128
+    vae_samples: int = 6          # latent samples decoded for the VAE residual
+    fm_lambda: float = 1.0        # weight of the AlexNet feature term (feature-matching AE)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, not {self.channels}")
+        if self.patch != 128:
+            raise ValueError("the architecture of Table 1 takes 128x128 patches")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings: Adam, lr 2e-4, weight decay 1e-5, 200 epochs, batch 128."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    seed: int = 0
+    precision: str = "bfloat16"   # autocast for the network; losses are computed in float32
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch size must be positive")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Patch extraction: downscale training images, crop random 128x128 patches."""
+
+    patches: int = 10_000
+    resize: int | None = 256      # None keeps the original resolution
+    patch: int = 128
+    channels: int = 1
+    seed: int = 0
+    chunk: int = 256              # patches per Zarr chunk along N
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """Inference: sliding windows, precision, segmentation."""
+
+    stride: int = 30
+    batch_size: int = 64          # tiles per forward; 64 is the fastest on 2-core AVX-512 CPUs
+    precision: str = "bfloat16"
+    opening_diameter: int = 4     # circular structuring element of diameter 4 (not disk(4), which is 9 wide)
+    seed: int = 0                 # VAE latent sampling
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}")
+        if self.stride < 1:
+            raise ValueError("stride must be positive")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Fixed histogram bins, so that ROC statistics of shards and machines can be summed."""
+
+    bins: int = 65_536
+    fpr_limit: float = 0.3
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Synthetic woven-fabric data set, sized like the paper's MVTec fabrics."""
+
+    texture: str = "plain"
+    size: int = 512
+    train: int = 100
+    test_defective: int = 50
+    test_good: int = 20
+    validation: int = 10          # defect-free validation images (validation/good) for calibration
+    seed: int = 0
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config from a dict, ignoring keys this version does not know."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+__all__ = [
+    "LOSSES", "PRECISIONS", "SSIMConfig", "ModelConfig", "TrainConfig", "PrepareConfig",
+    "InspectConfig", "MetricsConfig", "SynthConfig", "to_dict", "from_dict", "replace", "field",
+]

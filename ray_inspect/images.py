@@ -1,0 +1,141 @@
+"""Decode and encode images: 8/16-bit PNG, TIFF (integer or float), JPEG -> float32 in [0, 1]."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+from skimage.color import rgb2gray
+from skimage.transform import resize as sk_resize
+
+from . import storage
+
+IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+class InputError(ValueError):
+    """A bad input file; str() is one line naming the file and the problem."""
+
+    def __init__(self, url: str, reason: str, kind: str = "invalid"):
+        super().__init__(f"{url}: {reason}")
+        self.url, self.reason, self.kind = url, reason, kind
+
+
+def is_image(url: str) -> bool:
+    return url.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scale(arr: np.ndarray, url: str) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    if arr.dtype == bool:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise InputError(url, "image contains NaN or infinite values", "nan")
+        if arr.min() < 0 or arr.max() > 1:
+            raise InputError(url, f"float image values outside [0, 1] ({arr.min():.3g}..{arr.max():.3g})", "range")
+        return arr
+    raise InputError(url, f"unsupported pixel type {arr.dtype}", "mode")
+
+
+def _to_channels(arr: np.ndarray, channels: int, url: str) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar TIFF
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    if arr.ndim == 2:
+        return arr if channels == 1 else np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        return rgb2gray(arr).astype(np.float32) if channels == 1 else arr
+    raise InputError(url, f"unsupported image shape {arr.shape}", "mode")
+
+
+def decode(data: bytes, url: str, channels: int = 1) -> np.ndarray:
+    """Bytes of a PNG/TIFF/JPEG -> float32 (H, W) for gray or (H, W, 3) for colour, in [0, 1]."""
+    if not data:
+        raise InputError(url, "empty file (0 bytes)", "empty")
+    ext = os.path.splitext(url.lower())[1]
+    try:
+        if ext in (".tif", ".tiff") or data[:4] in (b"II*\x00", b"MM\x00*"):
+            arr = tifffile.imread(io.BytesIO(data))
+        else:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if im.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "1"):
+                    im = im.convert("RGB" if im.mode not in ("LA", "1") else "L")
+                if im.mode == "I;16" or im.mode.startswith("I;16"):
+                    arr = np.array(im, dtype=np.uint16)
+                elif im.mode in ("I", "F"):
+                    raise InputError(url, f"unsupported PNG/JPEG mode {im.mode}", "mode")
+                else:
+                    arr = np.asarray(im)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, tifffile.TiffFileError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        if isinstance(exc, UnidentifiedImageError):
+            reason = "not an image (cannot identify format)"
+        raise InputError(url, f"corrupt or truncated image ({reason[:160]})", "corrupt") from None
+    if arr.size == 0:
+        raise InputError(url, "image has no pixels", "empty")
+    return _to_channels(_scale(np.asarray(arr), url), channels, url)
+
+
+def read_image(url: str, channels: int = 1) -> np.ndarray:
+    try:
+        data = storage.read_bytes(url)
+    except storage.StorageError as exc:
+        raise InputError(url, str(exc).split(": ", 1)[-1], "unreadable") from None
+    return decode(data, url, channels)
+
+
+def read_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask as bool (H, W); it must match the image size."""
+    m = read_image(url, channels=1)
+    if m.shape != shape:
+        raise InputError(url, f"mask is {m.shape[1]}x{m.shape[0]}, image is {shape[1]}x{shape[0]}", "mask")
+    return m > 0.5
+
+
+def resize_image(img: np.ndarray, size: int | None) -> np.ndarray:
+    """Downscale to size x size (anti-aliased), as the paper does for textures; None keeps it."""
+    if size is None or img.shape[:2] == (size, size):
+        return img
+    out = sk_resize(img, (size, size) + img.shape[2:], order=1, anti_aliasing=True, preserve_range=True)
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:
+    if size is None or mask.shape == (size, size):
+        return mask
+    return sk_resize(mask.astype(np.float32), (size, size), order=1, anti_aliasing=False) >= 0.5
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(img) * 255.0), 0, 255).astype(np.uint8)
+
+
+def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_tiff(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, compression="zlib")
+    return buf.getvalue()
+
+
+def write_png(url: str, arr: np.ndarray) -> None:
+    storage.write_bytes(url, encode_png(arr))

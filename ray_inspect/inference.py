@@ -1,0 +1,146 @@
+"""Tiles -> model -> averaged reconstruction -> residual map, for one image.
+
+Works on torch tensors (C, H, W) in [0, 1]; no Ray, no click. The per-tile work is batched and
+the averaging is an overlap-add divided by the (analytic) window coverage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import InspectConfig, ModelConfig, SSIMConfig
+from .ssim import ssim_map
+from .tiling import TileGrid, extract_tiles, overlap_add, pad_to_patch
+
+
+def precision_context(precision: str, device: torch.device):
+    """bfloat16 autocast (the network only) or nothing for float32."""
+    if precision == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, precision: str, device: torch.device | str = "cpu") -> nn.Module:
+    """Eval mode on ``device``; channels-last for bfloat16, where oneDNN/cuDNN are fastest."""
+    model = model.eval().to(device)
+    if precision == "bfloat16":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class Reconstructor:
+    """Runs a model over the sliding-window grid of an image and averages the overlaps."""
+
+    def __init__(self, model: nn.Module, model_cfg: ModelConfig, cfg: InspectConfig = InspectConfig(),
+                 ssim_cfg: SSIMConfig = SSIMConfig()):
+        self.model = model
+        self.model_cfg = model_cfg
+        self.cfg = cfg
+        self.ssim_cfg = ssim_cfg
+        self.device = next(model.parameters()).device
+        self.patch = model_cfg.patch
+        self.tiles_processed = 0
+
+    def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        if self.cfg.precision == "bfloat16":
+            tiles = tiles.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), precision_context(self.cfg.precision, self.device):
+            return self.model(tiles).float()
+
+    def _vae_nll(self, tiles: torch.Tensor, positions: np.ndarray, key: int) -> torch.Tensor:
+        """Per-pixel negative log reconstruction probability from N decoded posterior samples.
+
+        Gaussian decoder with variance 1/2 (the one the VAE loss assumes), additive constant
+        dropped; the noise of each window is seeded by its position, so results do not depend
+        on the batch size or on how an image is split.
+        """
+        n = self.model_cfg.vae_samples
+        if self.cfg.precision == "bfloat16":
+            tiles = tiles.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), precision_context(self.cfg.precision, self.device):
+            mu, logvar = self.model.encode(tiles)
+            mu, logvar = mu.float(), logvar.float()
+            eps = torch.stack([
+                torch.randn((n,) + mu.shape[1:], generator=torch.Generator().manual_seed(
+                    _window_seed(key, self.cfg.seed, int(y), int(x))))
+                for y, x in positions
+            ]).to(self.device)  # (B, n, d, 1, 1)
+            z = mu[:, None] + eps * (0.5 * logvar[:, None]).exp()
+            dec = self.model.decoder(z.flatten(0, 1)).float().unflatten(0, (len(tiles), n))
+            return ((tiles.float()[:, None] - dec) ** 2).mean(dim=1)
+
+    def run(self, image: torch.Tensor, key: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Averaged reconstruction of a (C, H, W) image (and, for the VAE, its averaged NLL map)."""
+        c, h, w = image.shape
+        padded = pad_to_patch(image.to(self.device, torch.float32), self.patch)
+        grid = TileGrid(padded.shape[1], padded.shape[2], self.patch, self.cfg.stride)
+        acc = torch.zeros_like(padded)
+        nll = torch.zeros_like(padded) if self.model_cfg.loss == "vae" else None
+        for start, stop in grid.batches(self.cfg.batch_size):
+            pos = grid.positions[start:stop]
+            tiles = extract_tiles(padded, pos, self.patch)
+            overlap_add(acc, self._forward(tiles), pos)
+            if nll is not None:
+                overlap_add(nll, self._vae_nll(tiles, pos, key), pos)
+            self.tiles_processed += len(pos)
+        cover = grid.coverage().to(self.device)
+        recon = (acc / cover).clamp_(0.0, 1.0)[:, :h, :w]
+        if nll is not None:
+            nll = (nll / cover)[:, :h, :w]
+        return recon, nll
+
+    def residual(self, image: torch.Tensor, recon: torch.Tensor, nll: torch.Tensor | None = None) -> torch.Tensor:
+        """(H, W) residual: 1 - SSIM (SSIM-AE), squared error (L2-AE, FM-AE) or NLL (VAE), channel mean."""
+        image = image.to(recon.device, torch.float32)
+        if self.model_cfg.loss == "ssim":
+            r = 1.0 - ssim_map(image[None], recon[None], self.ssim_cfg)[0]
+        elif self.model_cfg.loss == "vae":
+            r = nll
+        else:
+            r = (image - recon) ** 2
+        return r.mean(dim=0)
+
+
+def _window_seed(key: int, seed: int, y: int, x: int) -> int:
+    return zlib.crc32(f"{seed}:{key}:{y}:{x}".encode()) & 0x7FFFFFFF
+
+
+def to_chw(image: np.ndarray) -> torch.Tensor:
+    """(H, W) or (H, W, C) numpy in [0, 1] -> (C, H, W) float32 tensor."""
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 3:
+        arr = np.moveaxis(arr, -1, 0)
+    else:
+        raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def from_chw(t: torch.Tensor, like: np.ndarray) -> np.ndarray:
+    out = t.detach().cpu().numpy()
+    return out[0] if np.ndim(like) == 2 else np.moveaxis(out, 0, -1)
+
+
+def reconstruct(model: nn.Module, image: np.ndarray, stride: int = 30, precision: str = "float32",
+                batch_size: int = 64) -> np.ndarray:
+    """Averaged sliding-window reconstruction of an image, float32 numpy shaped like ``image``."""
+    cfg = getattr(model, "cfg", ModelConfig())
+    icfg = InspectConfig(stride=stride, precision=precision, batch_size=batch_size)
+    model = prepare_model(model, precision, next(model.parameters()).device)
+    recon, _ = Reconstructor(model, cfg, icfg).run(to_chw(image))
+    return from_chw(recon, image)
+
+
+def tiles_for(height: int, width: int, patch: int = 128, stride: int = 30) -> int:
+    """Number of windows the grid uses for an image of this size."""
+    return TileGrid(max(height, patch), max(width, patch), patch, stride).__len__()
+
+
+__all__ = ["Reconstructor", "reconstruct", "prepare_model", "precision_context", "to_chw", "from_chw",
+           "tiles_for"]

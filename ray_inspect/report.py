@@ -1,0 +1,123 @@
+"""Reports on a scan's output: a summary table, ROC/PRO plots and overlays of the worst images."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tifffile  # noqa: E402
+
+from . import storage  # noqa: E402
+from .images import read_image, read_mask, resize_image, resize_mask  # noqa: E402
+from .metrics import PixelROC  # noqa: E402
+from .scan import output_key  # noqa: E402
+
+SUMMARY_KEYS = ("pixel_auroc", "au_pro", "image_auroc", "pixel_auroc_opened", "au_pro_opened")
+
+
+def load_records(out: str) -> list[dict]:
+    base = storage.join(out, "records")
+    if not storage.exists(base):
+        return []
+    return [json.loads(storage.read_text(u)) for u in storage.find(base) if u.endswith(".json")]
+
+
+def load_report(out: str) -> dict:
+    """metrics.json and manifest.json of a scan, merged into one dict."""
+    if not storage.exists(storage.join(out, "_SUCCESS")):
+        raise FileNotFoundError(f"{out}: no finished scan here (no _SUCCESS marker)")
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    metrics = {}
+    if storage.exists(storage.join(out, "metrics.json")):
+        metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
+    return {**{k: metrics.get(k) for k in SUMMARY_KEYS}, "metrics": metrics, "scan": manifest}
+
+
+def summary_table(rep: dict) -> str:
+    scan = rep["scan"]
+    rows = [("images", f"{scan['images']} ({scan['scanned']} scanned, {scan['failed']} failed)")]
+    names = {"pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO (FPR<=0.3)", "image_auroc": "image AUROC",
+             "pixel_auroc_opened": "pixel AUROC, opened", "au_pro_opened": "AU-PRO, opened"}
+    for k, label in names.items():
+        if rep.get(k) is not None:
+            rows.append((label, f"{rep[k]:.4f}"))
+    if scan.get("threshold") is not None:
+        rows.append(("threshold", f"{scan['threshold']:.5g}"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def roc_figure(raw: PixelROC, opened: PixelROC | None, fpr_limit: float = 0.3) -> bytes:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.4))
+    for roc, name in ((raw, "residual"), (opened, "after opening")):
+        if roc is None:
+            continue
+        fpr, tpr, _ = roc.curve()
+        a.plot(fpr, tpr, label=f"{name} (AUROC {roc.auroc():.3f})")
+        if roc.regions:
+            f, p = roc.pro_curve()
+            b.plot(f, p, label=f"{name} (AU-PRO {roc.au_pro(fpr_limit):.3f})")
+    a.plot([0, 1], [0, 1], "k:", lw=0.8)
+    a.set(xlabel="false-positive rate (good pixels)", ylabel="true-positive rate (defect pixels)", title="pixel ROC")
+    b.axvline(fpr_limit, color="k", ls=":", lw=0.8)
+    b.set(xlabel="false-positive rate", ylabel="per-region overlap", xlim=(0, min(1, 2 * fpr_limit)), title="PRO")
+    a.legend(loc="lower right")
+    b.legend(loc="lower right")
+    return _png(fig)
+
+
+def overlay_figure(record: dict, out: str) -> bytes:
+    """Input with predicted mask (red) and ground truth (green outline), beside the residual map."""
+    original = read_image(record["url"], 1)
+    residual = tifffile.imread(io.BytesIO(storage.read_bytes(
+        storage.join(out, "residuals", output_key(record["key"], ".tiff"))))).astype(np.float32)
+    size = None if original.shape == residual.shape else residual.shape[0]
+    img = resize_image(original, size)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4.6))
+    a.imshow(img, cmap="gray", vmin=0, vmax=1)
+    mask_url = storage.join(out, "masks", output_key(record["key"], ".png"))
+    if storage.exists(mask_url):
+        m = read_image(mask_url, 1) > 0.5
+        a.imshow(np.ma.masked_where(~m, m), cmap="autumn", alpha=0.45)
+    if record.get("mask_url"):
+        gt = resize_mask(read_mask(record["mask_url"], original.shape), size)
+        a.contour(gt, levels=[0.5], colors="lime", linewidths=1)
+    a.set_title(f"{record['key']}  score {record['score']:.3f}", fontsize=9)
+    im = b.imshow(residual, cmap="inferno")
+    b.set_title("residual", fontsize=9)
+    fig.colorbar(im, ax=b, fraction=0.046)
+    for ax in (a, b):
+        ax.axis("off")
+    return _png(fig)
+
+
+def write_report(out: str, worst: int = 5) -> dict:
+    """Write roc.png and overlays of the ``worst`` highest-scoring images; return the summary."""
+    rep = load_report(out)
+    written = []
+    if storage.exists(storage.join(out, "stats", "roc.npz")):
+        raw = PixelROC.from_bytes(storage.read_bytes(storage.join(out, "stats", "roc.npz")))
+        opened_url = storage.join(out, "stats", "roc_opened.npz")
+        opened = PixelROC.from_bytes(storage.read_bytes(opened_url)) if storage.exists(opened_url) else None
+        if raw.defect.sum() and raw.good.sum():
+            storage.write_bytes(storage.join(out, "roc.png"), roc_figure(raw, opened))
+            written.append(storage.join(out, "roc.png"))
+    records = sorted(load_records(out), key=lambda r: -r["score"])[:worst]
+    for i, rec in enumerate(records):
+        url = storage.join(out, "overlays", f"{i:02d}_" + output_key(rec["key"], ".png").replace("/", "_"))
+        storage.write_bytes(url, overlay_figure(rec, out))
+        written.append(url)
+    rep["written"] = written
+    return rep

@@ -1,0 +1,174 @@
+"""Object storage through fsspec: local paths, file://, s3:// (any S3-compatible endpoint).
+
+Writes are atomic (a reader sees the old object or the new one, never a part) and idempotent;
+transient errors are retried with exponential backoff. Credentials come from the environment or
+an AWS profile and are never logged; the endpoint of an S3-compatible store from
+``RAY_INSPECT_S3_ENDPOINT`` (or botocore's own ``AWS_ENDPOINT_URL``).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+import uuid
+
+import fsspec
+from fsspec.core import url_to_fs
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+ENDPOINT_ENV = "RAY_INSPECT_S3_ENDPOINT"
+
+
+class StorageError(OSError):
+    """A URL could not be read or written; the message names the URL and the reason."""
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError)):
+        return False
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+
+
+retrying = retry(
+    retry=retry_if_exception(_transient),
+    stop=stop_after_attempt(5),
+    wait=wait_exponential(multiplier=0.2, max=5),
+    reraise=True,
+)
+
+
+def storage_options(url: str) -> dict:
+    """fsspec options for a URL: the S3 endpoint from the environment, nothing else."""
+    if url.startswith(("s3://", "s3a://")):
+        opts: dict = {}
+        endpoint = os.environ.get(ENDPOINT_ENV)
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        return opts
+    return {}
+
+
+def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return url_to_fs(url, **storage_options(url))
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL (keeps the scheme)."""
+    base = url.rstrip("/")
+    for p in parts:
+        base = posixpath.join(base, p.strip("/")) if "://" in base else os.path.join(base, p)
+    return base
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    return text[:200]
+
+
+@retrying
+def _read(url: str) -> bytes:
+    fs, path = get_fs(url)
+    return fs.cat_file(path)
+
+
+def read_bytes(url: str) -> bytes:
+    """Whole object; a missing or unreadable URL raises StorageError naming it."""
+    try:
+        return _read(url)
+    except FileNotFoundError:
+        raise StorageError(f"{url}: no such file or object") from None
+    except PermissionError:
+        raise StorageError(f"{url}: permission denied") from None
+    except IsADirectoryError:
+        raise StorageError(f"{url}: is a directory") from None
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"{url}: cannot read ({_short(exc)})") from None
+
+
+@retrying
+def write_bytes(url: str, data: bytes) -> None:
+    """Atomic write: a temporary sibling renamed into place locally, one PUT on object storage."""
+    if is_local(url):
+        path = local_path(url)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    fs, path = get_fs(url)
+    fs.pipe_file(path, data)  # S3 PutObject is all-or-nothing
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode())
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode()
+
+
+@retrying
+def exists(url: str) -> bool:
+    fs, path = get_fs(url)
+    return fs.exists(path)
+
+
+@retrying
+def isdir(url: str) -> bool:
+    fs, path = get_fs(url)
+    return fs.isdir(path)
+
+
+@retrying
+def find(url: str) -> list[str]:
+    """All files below a prefix, recursively, as full URLs in sorted order."""
+    fs, path = get_fs(url)
+    if not fs.exists(path):
+        raise StorageError(f"{url}: no such directory or prefix")
+    files = fs.find(path)
+    proto = url.split("://", 1)[0] + "://" if "://" in url and not url.startswith("file://") else ""
+    if url.startswith("file://"):
+        proto = "file://"
+    return sorted(proto + f if proto and not f.startswith(proto) else f for f in files)
+
+
+def relative(url: str, root: str) -> str:
+    """Path of ``url`` below ``root``, with forward slashes."""
+    if is_local(url) and is_local(root):
+        rel = os.path.relpath(os.path.abspath(local_path(url)), os.path.abspath(local_path(root)))
+    else:
+        u, r = url.split("://", 1)[-1], root.split("://", 1)[-1].rstrip("/")
+        rel = u[len(r) + 1:] if u.startswith(r + "/") else ".."
+    if rel.startswith(".."):
+        raise ValueError(f"{url} is not below {root}")
+    return rel.replace(os.sep, "/")
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = get_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def makedirs(url: str) -> None:
+    if is_local(url):
+        os.makedirs(local_path(url), exist_ok=True)
+
+
+def unique_suffix() -> str:
+    return uuid.uuid4().hex[:12]
