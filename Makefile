@@ -17,8 +17,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
+# synth -> prepare -> train (about two minutes on 2 cores) -> calibrate -> scan -> report
+RI := $(VENV)/bin/ray-inspect
 demo: install
-	$(PY) -m ray_inspect.demo --out $(DEMO)
+	$(RI) synth $(DEMO)/data --texture plain
+	$(RI) prepare $(DEMO)/data/plain $(DEMO)/patches.zarr --patches 3000
+	$(RI) train $(DEMO)/patches.zarr $(DEMO)/model --epochs 10 --batch-size 64
+	$(RI) calibrate $(DEMO)/model $(DEMO)/data/plain --min-area 50
+	$(RI) scan $(DEMO)/model $(DEMO)/data/plain $(DEMO)/scan
+	$(RI) report $(DEMO)/scan
 
 test: install
 	$(PY) -m pytest -q

@@ -15,7 +15,7 @@ from skimage.measure import label
 from torch import nn
 
 from .artifact import ModelCard
-from .config import InspectConfig
+from .config import InspectConfig, SSIMConfig
 from .datasets import Sample
 from .images import InputError, read_image, read_mask, resize_image, resize_mask
 from .inference import Reconstructor, prepare_model, to_chw
@@ -68,7 +68,10 @@ class Inspector:
             if not gt.any():
                 raise InputError(sample.mask_url, "mask of a defective image is empty", "mask")
         size = self.card.resize
-        return resize_image(img, size), (None if gt is None else resize_mask(gt, size))
+        img = resize_image(img, size)
+        if min(img.shape[:2]) <= SSIMConfig().window // 2:
+            raise InputError(sample.url, f"image is {img.shape[1]}x{img.shape[0]}, too small to inspect", "size")
+        return img, (None if gt is None else resize_mask(gt, size))
 
     def inspect(self, image: np.ndarray, key: str = "") -> ImageResult:
         """Run the method on one (H, W[, C]) image in [0, 1] at processing resolution."""

@@ -59,15 +59,15 @@ def check(cfg: SynthConfig) -> None:
         raise ValueError(f"unknown texture {cfg.texture!r}; choose one of {', '.join(TEXTURES)}")
     if cfg.size < 64:
         raise ValueError(f"size must be at least 64 pixels, not {cfg.size}")
-    if min(cfg.train, cfg.test_good, cfg.test_defective) < 0:
+    if min(cfg.train, cfg.validation, cfg.test_good, cfg.test_defective) < 0:
         raise ValueError("image counts must not be negative")
     if cfg.seed < 0:
         raise ValueError("seed must not be negative")
 
 
 def plan(cfg: SynthConfig) -> list[tuple[str, int]]:
-    """Image groups ("train/good", "test/good", "test/<defect>") and their counts; defects round-robin."""
-    groups = [("train/good", cfg.train), ("test/good", cfg.test_good)]
+    """Groups (train/good, validation/good, test/good, test/<defect>) and counts; defects round-robin."""
+    groups = [("train/good", cfg.train), ("validation/good", cfg.validation), ("test/good", cfg.test_good)]
     n = cfg.test_defective
     groups += [(f"test/{kind}", (n - t + len(DEFECTS) - 1) // len(DEFECTS)) for t, kind in enumerate(DEFECTS)]
     return groups
@@ -88,7 +88,8 @@ def smooth_noise(rng: np.random.Generator, size: int, corr: float) -> np.ndarray
     corr = max(corr, 1.0)
     centres = np.arange(-2, size / corr + 3) * corr
     basis = np.exp(-0.5 * ((np.arange(size)[:, None] - centres[None, :]) / corr) ** 2)
-    field = (basis @ rng.standard_normal((len(centres), len(centres))) @ basis.T).astype(np.float32)
+    weights = rng.standard_normal((len(centres), len(centres)))
+    field = np.einsum("il,jl->ij", basis @ weights, basis).astype(np.float32)  # einsum: no BLAS threads
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
@@ -230,7 +231,7 @@ def contamination(img: np.ndarray, rng: np.random.Generator, weave: Weave) -> tu
 
 
 def smooth(img: np.ndarray, rng: np.random.Generator, weave: Weave) -> tuple[np.ndarray, np.ndarray]:
-    """A region 40-80 px across where the weave is replaced by its local mean: structure lost, brightness kept."""
+    """A region 40-80 px across with the weave replaced by its local mean: structure lost, brightness kept."""
     size, s = img.shape[0], img.shape[0] / 512
     mask = blob(rng, size, rng.uniform(20, 40) * s, 0.2)
     box = max(int(round(weave.repeat * weave.period * s)), 1)  # one full pattern repeat
@@ -248,7 +249,7 @@ DEFECT_FUNCTIONS = {"cut": cut, "rough": rough, "contamination": contamination, 
 
 
 def render(cfg: SynthConfig, group: str, index: int) -> Sample:
-    """Image number `index` of a group ("train/good", "test/good", "test/<defect>"), deterministically."""
+    """Image number `index` of a group (see plan), deterministically."""
     check(cfg)
     tex_rng, defect_rng = rng_for(cfg, group, index).spawn(2)
     clean = texture(cfg.texture, cfg.size, tex_rng)
@@ -262,7 +263,7 @@ def render(cfg: SynthConfig, group: str, index: int) -> Sample:
 
 
 def generate(out: str, cfg: SynthConfig, progress: Callable[[int], object] | None = None) -> dict:
-    """Write the data set under `out` (path or fsspec URL); call progress(1) after each image; return a summary."""
+    """Write the data set under `out` (path or fsspec URL), call progress(1) per image; return a summary."""
     check(cfg)
     counts = {}
     for group, count in plan(cfg):

@@ -12,7 +12,7 @@ from scipy import ndimage
 from ray_inspect import synth
 from ray_inspect.config import SynthConfig
 
-SMALL = SynthConfig(texture="plain", size=256, train=3, test_good=2, test_defective=6, seed=1)
+SMALL = SynthConfig(texture="plain", size=256, train=3, validation=2, test_good=2, test_defective=6, seed=1)
 
 
 def read_png(path) -> np.ndarray:
@@ -39,12 +39,12 @@ def test_layout_and_counts(tmp_path):
     calls = []
     summary = synth.generate(str(tmp_path), SMALL, progress=calls.append)
     # 6 defective images round-robin over 4 types: cut, rough get 2, the others 1
-    expected = {"train/good": 3, "test/good": 2, "test/cut": 2, "test/rough": 2,
+    expected = {"train/good": 3, "validation/good": 2, "test/good": 2, "test/cut": 2, "test/rough": 2,
                 "test/contamination": 1, "test/smooth": 1}
     assert summary["counts"] == expected
-    assert summary["images"] == 11 and summary["masks"] == 6
+    assert summary["images"] == 13 and summary["masks"] == 6
     assert (summary["texture"], summary["size"], summary["seed"]) == ("plain", 256, 1)
-    assert calls == [1] * 11
+    assert calls == [1] * 13
     got = set(files(tmp_path))
     want = {f"{group}/{i:03d}.png" for group, n in expected.items() for i in range(n)}
     want |= {f"ground_truth/{group[5:]}/{i:03d}_mask.png"
@@ -59,12 +59,13 @@ def test_layout_and_counts(tmp_path):
 
 def test_fsspec_url():
     url = "memory://synth-test/ds"
-    cfg = SynthConfig(size=128, train=1, test_good=1, test_defective=1)
+    cfg = SynthConfig(size=128, train=1, validation=1, test_good=1, test_defective=1)
     synth.generate(url, cfg)
     import fsspec
     fs = fsspec.filesystem("memory")
     names = sorted(p.split("ds/", 1)[1] for p in fs.find("/synth-test/ds"))
-    assert names == ["ground_truth/cut/000_mask.png", "test/cut/000.png", "test/good/000.png", "train/good/000.png"]
+    assert names == ["ground_truth/cut/000_mask.png", "test/cut/000.png", "test/good/000.png",
+                     "train/good/000.png", "validation/good/000.png"]
     fs.rm("/synth-test", recursive=True)
 
 
@@ -83,6 +84,10 @@ def test_images_independent_of_counts():
     more = SynthConfig(**{**SMALL.__dict__, "train": 10, "test_defective": 20})
     for group in ("train/good", "test/rough"):
         assert np.array_equal(synth.render(SMALL, group, 1).image, synth.render(more, group, 1).image)
+    # the splits are different realisations, not copies of each other
+    first = synth.render(SMALL, "train/good", 0).image
+    for group in ("validation/good", "test/good"):
+        assert not np.array_equal(first, synth.render(SMALL, group, 0).image)
 
 
 def test_realisations_differ_but_look_alike():
@@ -122,7 +127,7 @@ def test_defect_changes_exactly_the_mask(texture, kind):
     for index in range(3):
         s = synth.render(cfg, f"test/{kind}", index)
         assert s.mask.shape == s.image.shape == (256, 256)
-        assert s.mask.sum() >= 40  # visible: several pixels across even at 256 px
+        assert s.mask.sum() >= 30  # visible: several pixels across even at 256 px
         a, b = np.rint(s.image * 255), np.rint(s.clean * 255)
         changed = a != b
         assert not (changed & ~s.mask).any()
@@ -148,17 +153,19 @@ def test_smooth_keeps_brightness_and_removes_structure(texture):
         s = synth.render(cfg, "test/smooth", index)
         ring = ndimage.binary_dilation(s.mask, iterations=8) & ~s.mask
         inside = ndimage.binary_erosion(s.mask, iterations=3)
-        assert abs(s.image[s.mask].mean() - s.image[ring].mean()) * 255 < 5
-        assert abs(s.image[s.mask].mean() - s.clean[s.mask].mean()) * 255 < 4
+        assert abs(s.image[s.mask].mean() - s.image[ring].mean()) * 255 < 5  # within a few gray levels
         assert local_std(s.image)[inside].mean() < 0.3 * local_std(s.clean)[inside].mean()
 
 
-def test_rough_and_contamination_differ_from_texture():
-    cfg = SynthConfig(size=256)
-    rough = synth.render(cfg, "test/rough", 0)
-    assert local_std(rough.image)[rough.mask].mean() > 1.2 * local_std(rough.clean)[rough.mask].mean()
-    stain = synth.render(cfg, "test/contamination", 0)
-    assert abs(stain.image[stain.mask].mean() - stain.clean[stain.mask].mean()) > 0.08
+@pytest.mark.parametrize("texture", synth.TEXTURES)
+def test_rough_and_contamination_differ_from_texture(texture):
+    cfg = SynthConfig(texture=texture, size=256)
+    for index in range(3):
+        rough = synth.render(cfg, "test/rough", index)
+        edges = lambda img: np.abs(ndimage.laplace(img.astype(np.float64)))[rough.mask].mean()  # noqa: E731
+        assert edges(rough.image) > 1.8 * edges(rough.clean)  # much more high-frequency energy
+        stain = synth.render(cfg, "test/contamination", index)
+        assert abs(stain.image[stain.mask].mean() - stain.clean[stain.mask].mean()) > 0.08  # > 20 gray levels
 
 
 def test_good_test_images_have_no_masks(tmp_path):

@@ -1,0 +1,65 @@
+"""Quality of the four variants on the synthetic fabrics: synth -> prepare -> train -> calibrate -> scan.
+
+Writes a JSON line per (texture, variant) to the --out file; docs/results.md quotes the table.
+Usage: python benchmarks/quality.py --work /tmp/quality --textures plain --variants ssim l2 vae fm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from ray_inspect.calibrate import calibrate
+from ray_inspect.config import InspectConfig, ModelConfig, PrepareConfig, SynthConfig, TrainConfig
+from ray_inspect.model import AlexNetFeatures
+from ray_inspect.patches import prepare
+from ray_inspect.scan import scan
+from ray_inspect.synth import generate
+from ray_inspect.train import fit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/ray-inspect-quality")
+    ap.add_argument("--textures", nargs="+", default=["plain"])
+    ap.add_argument("--variants", nargs="+", default=["ssim", "l2", "vae", "fm"])
+    ap.add_argument("--patches", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--out", default="benchmarks/quality.jsonl")
+    a = ap.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    alexnet = os.path.join(a.work, "alexnet-random.pth")
+    torch.manual_seed(0)
+    torch.save(AlexNetFeatures().state_dict(), alexnet)  # no pretrained weights can be downloaded here
+    for tex in a.textures:
+        root = os.path.join(a.work, tex)
+        if not os.path.exists(os.path.join(root, "test")):
+            generate(root, SynthConfig(texture=tex))
+        pz = os.path.join(a.work, f"{tex}.zarr")
+        prepare(root, pz, PrepareConfig(patches=a.patches))
+        for v in a.variants:
+            t0 = time.time()
+            model = os.path.join(a.work, f"{tex}-{v}")
+            card = fit(pz, model, ModelConfig(loss=v), TrainConfig(epochs=a.epochs, batch_size=a.batch_size),
+                       alexnet_weights=alexnet if v == "fm" else None,
+                       on_epoch=lambda s: print(f"{tex} {v} epoch {s['epoch']} loss {s['loss']:.4f} "
+                                                f"{s['patches_per_s']:.0f}/s", flush=True))
+            t_train = time.time() - t0
+            cal = calibrate(model, root, min_area=50)
+            summary = scan(model, root, os.path.join(a.work, f"{tex}-{v}-scan"))
+            row = {"texture": tex, "variant": v, **summary["metrics"], "threshold": cal["threshold"],
+                   "train_seconds": round(t_train, 1), "final_loss": card.training["final_loss"],
+                   "schedule": {"patches": a.patches, "epochs": a.epochs, "batch_size": a.batch_size,
+                                "resize": 256, "precision": "bfloat16", "lr": 2e-4, "weight_decay": 1e-5}}
+            print(json.dumps(row), flush=True)
+            with open(a.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Shared fixtures: small synthetic data sets and a briefly trained model, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from ray_inspect.config import ModelConfig, PrepareConfig, SynthConfig, TrainConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A 256-px plain-weave data set: 12 train, 8 defective + 4 good test, 4 validation images."""
+    from ray_inspect.synth import generate
+
+    root = str(tmp_path_factory.mktemp("data") / "plain")
+    generate(root, SynthConfig(size=256, train=12, test_defective=8, test_good=4, validation=4, seed=3))
+    return root
+
+
+@pytest.fixture(scope="session")
+def patches(dataset, tmp_path_factory):
+    from ray_inspect.patches import prepare
+
+    url = str(tmp_path_factory.mktemp("patches") / "p.zarr")
+    prepare(dataset, url, PrepareConfig(patches=300, resize=None, chunk=64, seed=1))
+    return url
+
+
+@pytest.fixture(scope="session")
+def trained_model(patches, tmp_path_factory):
+    """An SSIM-AE trained for two short epochs (enough for real, non-flat reconstructions)."""
+    from ray_inspect.train import fit
+
+    url = str(tmp_path_factory.mktemp("models") / "ssim")
+    fit(patches, url, ModelConfig(), TrainConfig(epochs=2, batch_size=32, seed=0))
+    return url

@@ -1,0 +1,54 @@
+"""The click layer: help on every command, one-line errors, JSON output, exit codes."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from ray_inspect.cli import main
+
+COMMANDS = ["synth", "prepare", "train", "calibrate", "scan", "report"]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help(cmd):
+    res = CliRunner().invoke(main, [cmd, "--help"])
+    assert res.exit_code == 0 and "Usage:" in res.output
+
+
+def test_missing_source_is_one_line(trained_model, tmp_path):
+    res = CliRunner().invoke(main, ["scan", trained_model, str(tmp_path / "nowhere"), str(tmp_path / "out")])
+    assert res.exit_code == 2
+    err = res.stderr.strip().splitlines()
+    assert err[-1].startswith("ray-inspect: error:") and "nowhere" in err[-1] and "Traceback" not in res.stderr
+
+
+def test_not_a_model_is_one_line(tmp_path):
+    res = CliRunner().invoke(main, ["calibrate", str(tmp_path), str(tmp_path), "--fpr", "0.01"])
+    assert res.exit_code == 2 and "not a model directory" in res.stderr
+
+
+def test_fm_without_weights(patches, tmp_path):
+    res = CliRunner().invoke(main, ["train", patches, str(tmp_path / "m"), "--loss", "fm", "--epochs", "1"])
+    assert res.exit_code == 2 and "--alexnet-weights" in res.output + res.stderr
+
+
+def test_synth_scan_report_json(trained_model, dataset, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["synth", str(tmp_path / "s"), "--texture", "twill", "--train", "1", "--test", "4",
+                               "--good", "1", "--validation", "1", "--size", "128", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["datasets"][0]["counts"]["test/cut"] == 1
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    res = runner.invoke(main, ["calibrate", str(model), dataset, "--fpr", "0.001", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["rule"] == "fpr"
+    res = runner.invoke(main, ["scan", str(model), dataset, str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["report", str(tmp_path / "out"), "--json", "--worst", "1"])
+    data = json.loads(res.stdout)
+    assert res.exit_code == 0 and {"pixel_auroc", "au_pro", "image_auroc"} <= set(data)
+    assert all(0 <= data[k] <= 1 for k in ("pixel_auroc", "au_pro", "image_auroc"))
+    res = runner.invoke(main, ["report", str(tmp_path / "out")])
+    assert "pixel AUROC" in res.stdout and "AU-PRO" in res.stdout
