@@ -21,6 +21,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from ray_inspect.artifact import ModelCard, load_model, save_model
+from ray_inspect.calibrate import calibrate
 from ray_inspect.config import InspectConfig, ModelConfig, SynthConfig
 from ray_inspect.images import read_image
 from ray_inspect.inference import precision_context, prepare_model, tiles_for
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precision", default="bfloat16")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", default=None, help="a trained model directory (default: He-initialised)")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="ri-bench-")
@@ -80,19 +82,25 @@ def main() -> None:
     else:
         model = ConvAE(ModelConfig())
     url = os.path.join(work, "model")
-    save_model(url, model, ModelCard(model=ModelConfig(), resize=None, threshold=0.5))
+    save_model(url, model, ModelCard(model=ModelConfig(), resize=None))
     cfg = InspectConfig(batch_size=a.batch_size, precision=a.precision)
+    # a production-like threshold: pixel FPR 1e-4 on these (defect-free) images
+    calibrate(url, src, fpr=1e-4, cfg=cfg)
 
-    bare = bare_forward(load_model(url), a.batch_size, a.precision)
+    # The machine's speed drifts by +-10 % over seconds, so bare and end-to-end runs alternate and
+    # each round gives a ratio; the median round is reported.
     scan(url, src, os.path.join(work, "warm"), cfg)          # warm-up (allocator, page cache)
-    t0 = time.perf_counter()
-    summary = scan(url, src, os.path.join(work, "out"), cfg)
-    wall = time.perf_counter() - t0
-    tiles = summary["scanned"] * tiles_for(1024, 1024)
-    e2e = tiles / wall
-    bare_after = bare_forward(load_model(url), a.batch_size, a.precision)
-    bare_mean = (bare + bare_after) / 2
-
+    rounds = []
+    for r in range(a.rounds):
+        bare = bare_forward(load_model(url), a.batch_size, a.precision, seconds=4.0)
+        t0 = time.perf_counter()
+        summary = scan(url, src, os.path.join(work, f"out{r}"), cfg)
+        wall = time.perf_counter() - t0
+        e2e = summary["scanned"] * tiles_for(1024, 1024) / wall
+        rounds.append({"bare": bare, "scan": e2e, "ratio": e2e / bare, "wall": wall})
+    rounds.sort(key=lambda d: d["ratio"])
+    mid = rounds[len(rounds) // 2]
+    bare_mean, e2e, wall = mid["bare"], mid["scan"], mid["wall"]
     img = read_image(os.path.join(src, "000.png"))
     naive_s = naive_loop(load_model(url).eval(), img)
     result = {
@@ -100,7 +108,8 @@ def main() -> None:
         f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})",
         "batch_size": a.batch_size, "precision": a.precision, "image": "1024x1024", "images": summary["scanned"],
         "tiles_per_image": tiles_for(1024, 1024),
-        "bare_forward_tiles_per_s": round(bare_mean, 1), "bare_before_after": [round(bare, 1), round(bare_after, 1)],
+        "bare_forward_tiles_per_s": round(bare_mean, 1),
+        "round_ratios": [round(d["ratio"], 3) for d in rounds],
         "scan_tiles_per_s": round(e2e, 1), "scan_images_per_s": round(summary["scanned"] / wall, 3),
         "scan_megapixels_per_s": round(summary["scanned"] * 1024 * 1024 / wall / 1e6, 3),
         "ratio_scan_to_bare": round(e2e / bare_mean, 3),

@@ -132,8 +132,9 @@ def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
 
 
 def encode_tiff(arr: np.ndarray) -> bytes:
+    """Uncompressed TIFF: float16 residuals barely compress, and zlib would cost more than the SSIM."""
     buf = io.BytesIO()
-    tifffile.imwrite(buf, arr, compression="zlib")
+    tifffile.imwrite(buf, arr)
     return buf.getvalue()
 
 

@@ -7,7 +7,9 @@ the averaging is an overlap-add divided by the (analytic) window coverage.
 from __future__ import annotations
 
 import contextlib
+import warnings
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -15,7 +17,7 @@ from torch import nn
 
 from .config import InspectConfig, ModelConfig, SSIMConfig
 from .ssim import ssim_map
-from .tiling import TileGrid, extract_tiles, overlap_add, pad_to_patch
+from .tiling import TileGrid, extract_tiles, grid_for, overlap_add, pad_to_patch
 
 
 def precision_context(precision: str, device: torch.device):
@@ -23,6 +25,25 @@ def precision_context(precision: str, device: torch.device):
     if precision == "bfloat16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    """Native bfloat16 matrix units: AVX-512 BF16 / AMX on CPUs (oneDNN's check), any recent GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """bfloat16 where the hardware runs it natively, else float32 (emulated bf16 is slower)."""
+    if precision == "bfloat16" and not bf16_supported(device):
+        warnings.warn("this processor has no native bfloat16 support; inferring in float32", stacklevel=2)
+        return "float32"
+    return precision
 
 
 def prepare_model(model: nn.Module, precision: str, device: torch.device | str = "cpu") -> nn.Module:
@@ -40,17 +61,16 @@ class Reconstructor:
                  ssim_cfg: SSIMConfig = SSIMConfig()):
         self.model = model
         self.model_cfg = model_cfg
-        self.cfg = cfg
-        self.ssim_cfg = ssim_cfg
         self.device = next(model.parameters()).device
+        self.cfg = replace(cfg, precision=resolve_precision(cfg.precision, self.device))
+        self.ssim_cfg = ssim_cfg
         self.patch = model_cfg.patch
         self.tiles_processed = 0
 
     def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
         if self.cfg.precision == "bfloat16":
             tiles = tiles.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), precision_context(self.cfg.precision, self.device):
-            return self.model(tiles).float()
+        return self.model(tiles)  # bf16 under autocast; overlap_add accumulates in float32
 
     def _vae_nll(self, tiles: torch.Tensor, positions: np.ndarray, key: int) -> torch.Tensor:
         """Per-pixel negative log reconstruction probability from N decoded posterior samples.
@@ -62,33 +82,36 @@ class Reconstructor:
         n = self.model_cfg.vae_samples
         if self.cfg.precision == "bfloat16":
             tiles = tiles.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), precision_context(self.cfg.precision, self.device):
-            mu, logvar = self.model.encode(tiles)
-            mu, logvar = mu.float(), logvar.float()
-            eps = torch.stack([
-                torch.randn((n,) + mu.shape[1:], generator=torch.Generator().manual_seed(
-                    _window_seed(key, self.cfg.seed, int(y), int(x))))
-                for y, x in positions
-            ]).to(self.device)  # (B, n, d, 1, 1)
-            z = mu[:, None] + eps * (0.5 * logvar[:, None]).exp()
-            dec = self.model.decoder(z.flatten(0, 1)).float().unflatten(0, (len(tiles), n))
-            return ((tiles.float()[:, None] - dec) ** 2).mean(dim=1)
+        mu, logvar = self.model.encode(tiles)
+        mu, logvar = mu.float(), logvar.float()
+        eps = torch.stack([
+            torch.randn((n,) + mu.shape[1:], generator=torch.Generator().manual_seed(
+                _window_seed(key, self.cfg.seed, int(y), int(x))))
+            for y, x in positions
+        ]).to(self.device)  # (B, n, d, 1, 1)
+        z = mu[:, None] + eps * (0.5 * logvar[:, None]).exp()
+        dec = self.model.decoder(z.flatten(0, 1)).float().unflatten(0, (len(tiles), n))
+        return ((tiles.float()[:, None] - dec) ** 2).mean(dim=1)
 
     def run(self, image: torch.Tensor, key: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Averaged reconstruction of a (C, H, W) image (and, for the VAE, its averaged NLL map)."""
         c, h, w = image.shape
         padded = pad_to_patch(image.to(self.device, torch.float32), self.patch)
-        grid = TileGrid(padded.shape[1], padded.shape[2], self.patch, self.cfg.stride)
+        grid = grid_for(padded.shape[1], padded.shape[2], self.patch, self.cfg.stride)
         acc = torch.zeros_like(padded)
         nll = torch.zeros_like(padded) if self.model_cfg.loss == "vae" else None
-        for start, stop in grid.batches(self.cfg.batch_size):
-            pos = grid.positions[start:stop]
-            tiles = extract_tiles(padded, pos, self.patch)
-            overlap_add(acc, self._forward(tiles), pos)
-            if nll is not None:
-                overlap_add(nll, self._vae_nll(tiles, pos, key), pos)
-            self.tiles_processed += len(pos)
-        cover = grid.coverage().to(self.device)
+        # Windows are gathered from a bf16 copy when the network runs in bf16 anyway (half the
+        # memory traffic); one autocast region per image casts the weights once, not per batch.
+        src = padded.to(torch.bfloat16) if self.cfg.precision == "bfloat16" and nll is None else padded
+        with torch.inference_mode(), precision_context(self.cfg.precision, self.device):
+            for start, stop in grid.batches(self.cfg.batch_size):
+                pos = grid.positions[start:stop]
+                tiles = extract_tiles(src, pos, self.patch)
+                overlap_add(acc, self._forward(tiles), pos)
+                if nll is not None:
+                    overlap_add(nll, self._vae_nll(tiles, pos, key), pos)
+                self.tiles_processed += len(pos)
+        cover = grid.coverage.to(self.device)
         recon = (acc / cover).clamp_(0.0, 1.0)[:, :h, :w]
         if nll is not None:
             nll = (nll / cover)[:, :h, :w]

@@ -19,7 +19,7 @@ from .config import InspectConfig, SSIMConfig
 from .datasets import Sample
 from .images import InputError, read_image, read_mask, resize_image, resize_mask
 from .inference import Reconstructor, prepare_model, to_chw
-from .segmentation import open_residual
+from .segmentation import open_residual, segment
 
 
 @dataclass
@@ -28,7 +28,7 @@ class ImageResult:
 
     key: str
     residual: np.ndarray             # (H, W) float32 at processing resolution
-    opened: np.ndarray               # grey opening of the residual
+    opened: np.ndarray | None        # grey opening of the residual (computed when evaluating)
     mask: np.ndarray | None          # opened > threshold (None without a threshold)
     tiles: int
     timings: dict[str, float] = field(default_factory=dict)
@@ -38,9 +38,11 @@ class ImageResult:
         return float(self.residual.max())
 
     def record(self) -> dict:
-        out = {"key": self.key, "status": "ok", "score": self.score, "score_opened": float(self.opened.max()),
+        out = {"key": self.key, "status": "ok", "score": self.score,
                "height": int(self.residual.shape[0]), "width": int(self.residual.shape[1]), "tiles": self.tiles,
                "timings": {k: round(v, 6) for k, v in self.timings.items()}}
+        if self.opened is not None:
+            out["score_opened"] = float(self.opened.max())
         if self.mask is not None:
             out["flagged_pixels"] = int(self.mask.sum())
             out["regions"] = int(label(self.mask, connectivity=2).max()) if out["flagged_pixels"] else 0
@@ -73,8 +75,8 @@ class Inspector:
             raise InputError(sample.url, f"image is {img.shape[1]}x{img.shape[0]}, too small to inspect", "size")
         return img, (None if gt is None else resize_mask(gt, size))
 
-    def inspect(self, image: np.ndarray, key: str = "") -> ImageResult:
-        """Run the method on one (H, W[, C]) image in [0, 1] at processing resolution."""
+    def residual_map(self, image: np.ndarray, key: str = "") -> tuple[np.ndarray, int, dict[str, float]]:
+        """The model's part of the step: (H, W) residual, tiles used, timings."""
         t0 = time.perf_counter()
         x = to_chw(image)
         before = self.reconstructor.tiles_processed
@@ -82,11 +84,21 @@ class Inspector:
         t1 = time.perf_counter()
         residual = self.reconstructor.residual(x, recon, nll).cpu().numpy()
         t2 = time.perf_counter()
-        opened = open_residual(residual, self.cfg.opening_diameter)
-        mask = None if self.threshold is None else opened > self.threshold
-        t3 = time.perf_counter()
-        return ImageResult(key, residual, opened, mask, self.reconstructor.tiles_processed - before,
-                           {"inference": t1 - t0, "residual": t2 - t1, "segment": t3 - t2})
+        return residual, self.reconstructor.tiles_processed - before, {"inference": t1 - t0, "residual": t2 - t1}
+
+    def segment(self, key: str, residual: np.ndarray, tiles: int, timings: dict[str, float],
+                grey: bool = True) -> ImageResult:
+        """The rest of the step, without the model: opening and mask. ``grey`` also keeps the grey
+        opening of the whole map (the ROC after opening needs it; a mask alone does not)."""
+        t0 = time.perf_counter()
+        d = self.cfg.opening_diameter
+        opened = open_residual(residual, d) if grey else None
+        mask = None if self.threshold is None else segment(residual, self.threshold, d, opened)
+        return ImageResult(key, residual, opened, mask, tiles, {**timings, "segment": time.perf_counter() - t0})
+
+    def inspect(self, image: np.ndarray, key: str = "") -> ImageResult:
+        """Run the method on one (H, W[, C]) image in [0, 1] at processing resolution."""
+        return self.segment(key, *self.residual_map(image, key))
 
 
 def _key_seed(key: str) -> int:

@@ -12,9 +12,14 @@ Output layout under OUT (local or s3://):
 
 from __future__ import annotations
 
+import itertools
+import os
 import json
 import posixpath
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -28,6 +33,7 @@ from .metrics import PixelROC, image_auroc
 from .pipeline import ImageResult, Inspector
 
 EXIT_OK, EXIT_PARTIAL = 0, 3
+PREFETCH, MAX_PENDING, IO_THREADS = 2, 4, int(os.environ.get("RAY_INSPECT_IO_THREADS", "1"))
 
 
 def output_key(key: str, ext: str) -> str:
@@ -62,14 +68,53 @@ class Evaluation:
         return out
 
 
-def write_result(out: str, result: ImageResult, record: dict) -> None:
+def write_result(out: str, result: ImageResult, extra: dict) -> None:
     """Mask, residual, then the record (the record's presence means the image is complete)."""
     if result.mask is not None:
         storage.write_bytes(storage.join(out, "masks", output_key(result.key, ".png")),
                             encode_png(result.mask.astype(np.uint8) * 255))
     storage.write_bytes(storage.join(out, "residuals", output_key(result.key, ".tiff")),
                         encode_tiff(result.residual.astype(np.float16)))
+    record = {**result.record(), **extra}
     storage.write_text(storage.join(out, "records", output_key(result.key, ".json")), json.dumps(record))
+
+
+class _Inline:
+    """A stand-in for a thread pool that runs each job at once (IO_THREADS = 0)."""
+
+    def submit(self, fn, *args):
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future, like a pool
+            fut.set_exception(exc)
+        return fut
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _finish(inspector: Inspector, out: str, key: str, residual: np.ndarray, tiles: int, timings: dict,
+            extra: dict, gt: np.ndarray | None, evaluation: Evaluation | None, lock: threading.Lock) -> None:
+    """Segment, write and account one image (runs on the I/O thread, beside the next forward)."""
+    result = inspector.segment(key, residual, tiles, timings, grey=gt is not None)
+    write_result(out, result, extra)
+    if evaluation is not None and gt is not None:
+        with lock:
+            evaluation.add(result, gt)
+
+
+def _load(inspector: Inspector, sample: Sample):
+    """Read and decode one sample (runs on the I/O thread); errors are returned, not raised."""
+    t0 = time.perf_counter()
+    try:
+        image, gt = inspector.load(sample)
+    except InputError as exc:
+        return sample, None, None, 0.0, exc
+    return sample, image, gt, time.perf_counter() - t0, None
 
 
 def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConfig(),
@@ -86,23 +131,37 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
     evaluation = Evaluation(card.score_range, metrics_cfg) if any(s.labelled for s in samples) else None
     errors: list[dict] = []
     done = 0
-    for sample in samples:
-        try:
-            result, gt = _process(inspector, sample)
-        except InputError as exc:
-            err = {"key": sample.key, "url": exc.url, "reason": exc.reason, "kind": exc.kind}
-            errors.append(err)
-            if on_error:
-                on_error(err)
-        else:
-            record = {**result.record(), "url": sample.url, "defect_type": sample.defect_type,
-                      "mask_url": sample.mask_url}
-            write_result(out, result, record)
-            if evaluation is not None and gt is not None:
-                evaluation.add(result, gt)
-            done += 1
-        if progress:
-            progress(sample.key)
+    # The model runs on this thread; reads (decode), segmentation and writes (encode, upload) run
+    # beside it on a small pool: at most PREFETCH images are decoded ahead and MAX_PENDING
+    # results wait to be finished.
+    pool_cm = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="ray-inspect-io") if IO_THREADS else _Inline()
+    with pool_cm as pool:
+        todo = iter(samples)
+        loads: deque = deque(pool.submit(_load, inspector, s) for s in itertools.islice(todo, PREFETCH))
+        writes: deque = deque()
+        lock = threading.Lock()
+        while loads:
+            sample, image, gt, t_read, exc = loads.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                loads.append(pool.submit(_load, inspector, nxt))
+            if exc is not None:
+                err = {"key": sample.key, "url": exc.url, "reason": exc.reason, "kind": exc.kind}
+                errors.append(err)
+                if on_error:
+                    on_error(err)
+            else:
+                residual, tiles, timings = inspector.residual_map(image, sample.key)
+                extra = {"url": sample.url, "defect_type": sample.defect_type, "mask_url": sample.mask_url}
+                writes.append(pool.submit(_finish, inspector, out, sample.key, residual, tiles,
+                                          {"read": t_read, **timings}, extra, gt, evaluation, lock))
+                while len(writes) > MAX_PENDING:
+                    writes.popleft().result()
+                done += 1
+            if progress:
+                progress(sample.key)
+        for w in writes:
+            w.result()
     storage.write_text(storage.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
     summary = {"model": model_url, "model_fingerprint": card.fingerprint, "source": source, "out": out,
                "images": len(samples), "scanned": done, "failed": len(errors),
@@ -117,12 +176,3 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
     storage.write_text(storage.join(out, "_SUCCESS"), "")
     summary["exit_code"] = EXIT_PARTIAL if errors else EXIT_OK
     return summary
-
-
-def _process(inspector: Inspector, sample: Sample):
-    t0 = time.perf_counter()
-    image, gt = inspector.load(sample)
-    t_read = time.perf_counter() - t0
-    result = inspector.inspect(image, sample.key)
-    result.timings = {"read": t_read, **result.timings}
-    return result, gt

@@ -74,6 +74,28 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
+try:  # botocore errors (e.g. EndpointConnectionError) are not OSErrors and escape s3fs untranslated
+    from botocore.exceptions import BotoCoreError as _BotoCoreError
+except ImportError:  # pragma: no cover - s3fs not installed
+    class _BotoCoreError(Exception):
+        pass
+
+_FAILURES = (OSError, ValueError, _BotoCoreError)
+
+
+def _error(url: str, exc: BaseException, action: str) -> StorageError:
+    """A one-line StorageError naming the URL and the reason (never credentials)."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return StorageError(f"{url}: no such file or object")
+    if isinstance(exc, PermissionError):
+        return StorageError(f"{url}: permission denied")
+    if isinstance(exc, IsADirectoryError):
+        return StorageError(f"{url}: is a directory")
+    return StorageError(f"{url}: cannot {action} ({_short(exc)})")
+
+
 @retrying
 def _read(url: str) -> bytes:
     fs, path = get_fs(url)
@@ -84,19 +106,20 @@ def read_bytes(url: str) -> bytes:
     """Whole object; a missing or unreadable URL raises StorageError naming it."""
     try:
         return _read(url)
-    except FileNotFoundError:
-        raise StorageError(f"{url}: no such file or object") from None
-    except PermissionError:
-        raise StorageError(f"{url}: permission denied") from None
-    except IsADirectoryError:
-        raise StorageError(f"{url}: is a directory") from None
-    except (OSError, ValueError) as exc:
-        raise StorageError(f"{url}: cannot read ({_short(exc)})") from None
+    except _FAILURES as exc:
+        raise _error(url, exc, "read") from None
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Atomic write: a temporary sibling renamed into place locally, one PUT on object storage."""
+    try:
+        _write(url, data)
+    except _FAILURES as exc:
+        raise _error(url, exc, "write") from None
 
 
 @retrying
-def write_bytes(url: str, data: bytes) -> None:
-    """Atomic write: a temporary sibling renamed into place locally, one PUT on object storage."""
+def _write(url: str, data: bytes) -> None:
     if is_local(url):
         path = local_path(url)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -122,21 +145,42 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode()
 
 
-@retrying
 def exists(url: str) -> bool:
+    try:
+        return _exists(url)
+    except _FAILURES as exc:
+        raise _error(url, exc, "check") from None
+
+
+@retrying
+def _exists(url: str) -> bool:
     fs, path = get_fs(url)
     return fs.exists(path)
 
 
-@retrying
 def isdir(url: str) -> bool:
+    try:
+        return _isdir(url)
+    except _FAILURES as exc:
+        raise _error(url, exc, "check") from None
+
+
+@retrying
+def _isdir(url: str) -> bool:
     fs, path = get_fs(url)
     return fs.isdir(path)
 
 
-@retrying
 def find(url: str) -> list[str]:
     """All files below a prefix, recursively, as full URLs in sorted order."""
+    try:
+        return _find(url)
+    except _FAILURES as exc:
+        raise _error(url, exc, "list") from None
+
+
+@retrying
+def _find(url: str) -> list[str]:
     fs, path = get_fs(url)
     if not fs.exists(path):
         raise StorageError(f"{url}: no such directory or prefix")
@@ -160,9 +204,12 @@ def relative(url: str, root: str) -> str:
 
 
 def remove(url: str, recursive: bool = False) -> None:
-    fs, path = get_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=recursive)
+    try:
+        fs, path = get_fs(url)
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+    except _FAILURES as exc:
+        raise _error(url, exc, "remove") from None
 
 
 def makedirs(url: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ class TileGrid:
     def __len__(self) -> int:
         return len(self.ys) * len(self.xs)
 
+    @cached_property
     def coverage(self) -> torch.Tensor:
         """How many windows cover each pixel: the grid is a product, so it is an outer product."""
         cy = np.zeros(self.height, dtype=np.float32)
@@ -63,6 +64,12 @@ class TileGrid:
         """Yield (start, stop) index ranges into ``positions``."""
         for start in range(0, len(self), batch_size):
             yield start, min(start + batch_size, len(self))
+
+
+@lru_cache(maxsize=64)
+def grid_for(height: int, width: int, patch: int, stride: int) -> TileGrid:
+    """Grids are reused across images of one size (positions and coverage computed once)."""
+    return TileGrid(height, width, patch, stride)
 
 
 def pad_to_patch(image: torch.Tensor, patch: int) -> torch.Tensor:

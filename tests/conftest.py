@@ -9,6 +9,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from ray_inspect.config import ModelConfig, PrepareConfig, SynthConfig, TrainConfig  # noqa: E402
+from s3server import s3  # noqa: E402,F401  (session-scoped SeaweedFS on 127.0.0.1)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,17 @@ def naive_opening(m, fp):
     return out
 
 
+def test_cropped_binary_path_equals_grey_path():
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        r = rng.random((120, 100)).astype(np.float32) * 0.5
+        y, x = rng.integers(0, 110), rng.integers(0, 90)
+        r[y:y + rng.integers(2, 12), x:x + rng.integers(2, 12)] += 0.6   # blobs, some at the border
+        r[rng.integers(0, 120, 30), rng.integers(0, 100, 30)] = 0.9       # isolated pixels
+        for t in (0.45, 0.7, 1.5):
+            np.testing.assert_array_equal(segment(r, t, 4), segment(r, t, 4, open_residual(r, 4)))
+
+
 def test_opening_removes_thin_regions_and_keeps_disks():
     r = np.zeros((40, 40), np.float32)
     r[5:8, 5:30] = 1.0           # 3 px wide: narrower than the element, removed

@@ -51,7 +51,7 @@ def test_grid_covers_every_pixel_flush_with_borders():
         s = window_starts(size, 128, 30)
         assert s[0] == 0 and s[-1] == size - 128 and np.all(np.diff(s) <= 30)
     g = TileGrid(200, 171)
-    cov = g.coverage().numpy()
+    cov = g.coverage.numpy()
     brute = np.zeros((200, 171))
     for y, x in g.positions:
         brute[y:y + 128, x:x + 128] += 1
