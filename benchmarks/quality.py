@@ -19,7 +19,7 @@ from ray_inspect.model import AlexNetFeatures
 from ray_inspect.patches import prepare
 from ray_inspect.scan import scan
 from ray_inspect.synth import generate
-from ray_inspect.train import fit
+from ray_inspect.raytrain import RunConfig, fit
 
 
 def main() -> None:
@@ -46,6 +46,7 @@ def main() -> None:
             t0 = time.time()
             model = os.path.join(a.work, f"{tex}-{v}")
             card = fit(pz, model, ModelConfig(loss=v), TrainConfig(epochs=a.epochs, batch_size=a.batch_size),
+                       RunConfig(storage=os.path.join(a.work, "runs"), run_name=f"{tex}-{v}"),
                        alexnet_weights=alexnet if v == "fm" else None,
                        on_epoch=lambda s: print(f"{tex} {v} epoch {s['epoch']} loss {s['loss']:.4f} "
                                                 f"{s['patches_per_s']:.0f}/s", flush=True))

@@ -8,6 +8,7 @@ import sys
 import click
 
 from .config import LOSSES, PRECISIONS, InspectConfig, ModelConfig, PrepareConfig, SynthConfig, TrainConfig
+from .raytrain import RunConfig
 
 
 class OneLineErrors(click.Group):
@@ -87,18 +88,26 @@ def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):
 @click.option("--loss", type=click.Choice(LOSSES), default=ModelConfig.loss, show_default=True)
 @click.option("--latent", default=ModelConfig.latent, show_default=True, help="Latent size d.")
 @click.option("--epochs", default=TrainConfig.epochs, show_default=True)
-@click.option("--batch-size", default=TrainConfig.batch_size, show_default=True)
+@click.option("--batch-size", default=TrainConfig.batch_size, show_default=True, help="Per worker.")
 @click.option("--lr", default=TrainConfig.lr, show_default=True)
 @click.option("--weight-decay", default=TrainConfig.weight_decay, show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default=TrainConfig.precision, show_default=True)
 @click.option("--alexnet-weights", default=None, help="torchvision AlexNet state dict (needed by --loss fm).")
 @click.option("--seed", default=TrainConfig.seed, show_default=True)
+@click.option("--workers", default=RunConfig.workers, show_default=True, help="Data-parallel Ray Train workers.")
+@click.option("--use-gpu/--no-gpu", default=None, help="Default: GPUs when the cluster has one per worker.")
+@click.option("--storage", default=None, help="Run storage for checkpoints (path or s3://).")
+@click.option("--run-name", default=None, help="Run name; rerunning with the same name resumes.")
+@click.option("--checkpoint-every", default=RunConfig.checkpoint_every, show_default=True, help="Epochs.")
+@click.option("--max-failures", default=RunConfig.max_failures, show_default=True,
+              help="Restarts from the last checkpoint when a worker dies.")
+@click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True)
 def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, precision, alexnet_weights, seed,
-          as_json):
-    """Train an autoencoder on PATCHES and write the model directory MODEL."""
+          workers, use_gpu, storage, run_name, checkpoint_every, max_failures, address, as_json):
+    """Train an autoencoder on PATCHES with Ray Train and write the model directory MODEL."""
     from .patches import open_patches
-    from .train import fit
+    from .raytrain import fit
 
     if loss == "fm" and not alexnet_weights:
         raise click.UsageError("--loss fm needs --alexnet-weights FILE (ImageNet AlexNet state dict)")
@@ -106,12 +115,18 @@ def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, pr
     mcfg = ModelConfig(loss=loss, latent=latent, channels=channels)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                        precision=precision)
+    run = RunConfig(workers=workers, use_gpu=use_gpu, storage=storage, run_name=run_name,
+                    checkpoint_every=checkpoint_every, max_failures=max_failures, address=address)
+    resumed = []
 
     def on_epoch(s):
-        click.echo(f"epoch {s['epoch']:>4}/{epochs}  loss {s['loss']:.5f}  {s['patches_per_s']:.0f} patches/s",
-                   err=True)
+        if s["resumed_from"] and s["resumed_from"] not in resumed:
+            resumed.append(s["resumed_from"])
+            click.echo(f"resumed from epoch {s['resumed_from']} (last checkpoint)", err=True)
+        click.echo(f"epoch {s['epoch']:>4}/{epochs}  loss {s['loss']:.5f}  {s['patches_per_s']:.0f} patches/s"
+                   f"  ({s['workers']} worker{'s' if s['workers'] > 1 else ''})", err=True)
 
-    card = fit(patches, model, mcfg, tcfg, alexnet_weights, on_epoch=on_epoch)
+    card = fit(patches, model, mcfg, tcfg, run, alexnet_weights, on_epoch=on_epoch)
     _emit({"model": model, "card": json.loads(card.to_json())}, as_json,
           f"{model}: {loss} model, final loss {card.training['final_loss']:.5f}")
 

@@ -1,25 +1,24 @@
 """The training loop: shuffled chunk-streaming batches from Zarr, one epoch at a time.
 
-``train_epoch`` is the unit a Ray Train worker runs unchanged (it takes any model, DDP-wrapped or
-not, and any iterable of batches); ``fit`` drives it in one process for notebooks and the CLI.
+``train_epoch`` is the unit every Ray Train worker runs (it takes any model, DDP-wrapped or not,
+and any iterable of batches); ``raytrain.fit`` drives it, on a local Ray or a cluster.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from .artifact import ModelCard, save_model, score_range
+from .artifact import ModelCard, score_range
 from .config import ModelConfig, TrainConfig
 from .inference import precision_context
 from .losses import LossFn, make_loss
 from .model import AlexNetFeatures, build_model
-from .patches import open_patches
 
 
 class PatchBatches:
@@ -103,21 +102,3 @@ def make_card(model_cfg: ModelConfig, train_cfg: TrainConfig, patches_url: str, 
         patches={"url": patches_url, "fingerprint": attrs.get("fingerprint"), "count": attrs.get("patches"),
                  "source": attrs.get("source"), "seed": attrs.get("seed")},
     )
-
-
-def fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig = TrainConfig(),
-        alexnet_weights: str | None = None, on_epoch: Callable[[dict], None] | None = None) -> ModelCard:
-    """Train in this process and write the model directory."""
-    arr = open_patches(patches_url)
-    if arr.shape[1] != model_cfg.channels:
-        raise ValueError(f"{patches_url}: patches have {arr.shape[1]} channel(s), the model expects {model_cfg.channels}")
-    model, opt, loss_fn = build(model_cfg, train_cfg, alexnet_weights)
-    data = PatchBatches(arr, train_cfg.batch_size, seed=train_cfg.seed)
-    history = []
-    for epoch in range(train_cfg.epochs):
-        stats = {"epoch": epoch + 1, **train_epoch(model, opt, data.epoch(epoch), loss_fn, train_cfg.precision)}
-        history.append(stats)
-        if on_epoch:
-            on_epoch(stats)
-    card = make_card(model_cfg, train_cfg, patches_url, dict(arr.attrs), history)
-    return save_model(model_url, model.eval().to(memory_format=torch.contiguous_format), card)

@@ -32,10 +32,23 @@ def patches(dataset, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_model(patches, tmp_path_factory):
-    """An SSIM-AE trained for two short epochs (enough for real, non-flat reconstructions)."""
-    from ray_inspect.train import fit
+def ray_session(s3):
+    """One local Ray for the whole session, started after the S3 environment is set (workers inherit it)."""
+    import ray
+
+    from ray_inspect.raycluster import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_model(ray_session, patches, tmp_path_factory):
+    """An SSIM-AE trained on Ray Train for two short epochs (enough for real, non-flat reconstructions)."""
+    from ray_inspect.raytrain import RunConfig, fit
 
     url = str(tmp_path_factory.mktemp("models") / "ssim")
-    fit(patches, url, ModelConfig(), TrainConfig(epochs=2, batch_size=32, seed=0))
+    fit(patches, url, ModelConfig(), TrainConfig(epochs=2, batch_size=32, seed=0),
+        RunConfig(storage=str(tmp_path_factory.mktemp("runs")), run_name="fixture"))
     return url

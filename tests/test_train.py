@@ -68,10 +68,11 @@ def test_feature_matching_needs_weights():
         build(ModelConfig(loss="fm"), TrainConfig())
 
 
-def test_training_is_deterministic(patches, tmp_path):
-    from ray_inspect.train import fit
+@pytest.mark.slow
+def test_training_is_deterministic(ray_session, patches, tmp_path):
+    from ray_inspect.raytrain import RunConfig, fit
 
-    cards = [fit(patches, str(tmp_path / f"m{i}"), ModelConfig(latent=16), TrainConfig(epochs=1, batch_size=64))
-             for i in range(2)]
+    cards = [fit(patches, str(tmp_path / f"m{i}"), ModelConfig(latent=16), TrainConfig(epochs=1, batch_size=64),
+                 RunConfig(storage=str(tmp_path / "runs"), run_name=f"det{i}")) for i in range(2)]
     assert cards[0].weights_sha256 == cards[1].weights_sha256
     assert cards[0].patches["fingerprint"] == open_patches(patches).attrs["fingerprint"]

@@ -1,0 +1,198 @@
+"""Data-parallel training on Ray Train (V2 API): the epoch loop of ``train.py`` in every worker.
+
+Each worker streams its own shard of the Zarr patches, DDP averages the gradients (gloo on CPU,
+NCCL on GPU), rank 0 checkpoints model, optimizer, epoch and RNG state every K epochs to the run
+storage, and a rerun with the same run name resumes from the last checkpoint. The final model is
+written as the usual model directory (weights first, card last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import torch
+
+from . import storage
+from .artifact import ModelCard, save_model
+from .config import ModelConfig, TrainConfig, from_dict
+from .model import build_model
+from .patches import open_patches
+from .raycluster import ensure_ray
+from .train import PatchBatches, build, make_card, train_epoch
+
+STATE = "state.pt"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a training run executes."""
+
+    workers: int = 1
+    use_gpu: bool | None = None       # None: GPUs when the cluster has one per worker
+    checkpoint_every: int = 1         # epochs between checkpoints (the last epoch always checkpoints)
+    max_failures: int = 3             # worker-group restarts from the last checkpoint
+    storage: str | None = None        # run storage (local path or s3://); default ~/.cache/ray-inspect/runs
+    run_name: str | None = None       # default: derived from the inputs, so a rerun resumes
+    address: str | None = None        # Ray cluster to join; default RAY_ADDRESS or a local Ray
+    cpus_per_worker: int | None = None
+
+
+def default_run_name(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+    key = json.dumps([patches_url, model_url, asdict(model_cfg), asdict(train_cfg)], sort_keys=True)
+    return f"{model_cfg.loss}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _storage_fs(url: str):
+    """(storage_path, pyarrow filesystem) for Ray Train; S3 gets the configured endpoint, credentials
+    come from the workers' environment (never from the command line or a config)."""
+    if storage.is_local(url):
+        return os.path.abspath(storage.local_path(url)), None
+    import pyarrow.fs as pafs
+
+    endpoint = os.environ.get(storage.ENDPOINT_ENV)
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5)) if endpoint else \
+        pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5))
+    return url.split("://", 1)[1].rstrip("/"), fs
+
+
+def _steps_per_epoch(batches: PatchBatches, epoch: int) -> int:
+    """Batches every rank runs this epoch: DDP needs the same count on all ranks."""
+    n = batches.array.shape[0]
+    counts = []
+    for r in range(batches.world):
+        chunks = PatchBatches(batches.array, batches.batch_size, batches.seed, r, batches.world).chunks_for(epoch)
+        counts.append(sum(min(batches.chunk, n - c * batches.chunk) for c in chunks))
+    return max(1, -(-min(counts) // batches.batch_size))
+
+
+def _limited(it, steps: int):
+    for i, x in enumerate(it):
+        if i >= steps:
+            break
+        yield x
+
+
+def train_loop(config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model_cfg = from_dict(ModelConfig, config["model"])
+    train_cfg = from_dict(TrainConfig, config["train"])
+    device = ray.train.torch.get_device()
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    model, opt, loss_fn = build(model_cfg, train_cfg, config.get("alexnet_weights"))
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = int(state["epoch"]) + 1
+    ddp = ray.train.torch.prepare_model(model)
+    data = PatchBatches(open_patches(config["patches"]), train_cfg.batch_size, seed=train_cfg.seed, rank=rank,
+                        world=world)
+    every = max(1, int(config["checkpoint_every"]))
+    for epoch in range(start, train_cfg.epochs):
+        t0 = time.time()
+        steps = _steps_per_epoch(data, epoch)
+        stats = train_epoch(ddp, opt, _limited(data.epoch(epoch), steps), loss_fn, train_cfg.precision, device)
+        totals = torch.tensor([stats["loss"] * stats["patches"], stats["patches"]], dtype=torch.float64)
+        digest = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+        lo, hi = digest.clone(), digest.clone()
+        if world > 1:
+            dist.all_reduce(totals)
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        seconds = time.time() - t0
+        metrics = {"epoch": epoch + 1, "loss": float(totals[0] / totals[1]), "patches": int(totals[1]),
+                   "seconds": seconds, "patches_per_s": float(totals[1]) / seconds, "workers": world,
+                   "resumed_from": start, "ranks_in_sync": bool(lo == hi), "param_digest": float(digest)}
+        last = epoch + 1 == train_cfg.epochs
+        if (epoch + 1) % every == 0 or last:
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint = None
+                if rank == 0:
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                                "rng": torch.get_rng_state(), "metrics": metrics}, os.path.join(d, STATE))
+                    checkpoint = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:05d}")
+        else:
+            ray.train.report(metrics)
+        if rank == 0 and config.get("progress") is not None:
+            config["progress"].put(metrics)
+
+
+def fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig = TrainConfig(),
+        run: RunConfig = RunConfig(), alexnet_weights: str | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> ModelCard:
+    """Train on Ray Train (a local Ray when no cluster is given) and write the model directory."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    arr = open_patches(patches_url)
+    if arr.shape[1] != model_cfg.channels:
+        raise ValueError(f"{patches_url}: patches have {arr.shape[1]} channel(s), the model expects {model_cfg.channels}")
+    attrs = dict(arr.attrs)
+    resources = ensure_ray(run.address)
+    gpus = resources.get("GPU", 0)
+    use_gpu = gpus >= run.workers if run.use_gpu is None else run.use_gpu
+    if use_gpu and gpus < run.workers:
+        raise ValueError(f"--use-gpu asks for {run.workers} GPU worker(s), the cluster has {int(gpus)} GPU(s)")
+    cpus = run.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // run.workers)
+    storage_url = run.storage or os.path.join(os.path.expanduser("~"), ".cache", "ray-inspect", "runs")
+    storage_path, fs = _storage_fs(storage_url)
+    name = run.run_name or default_run_name(patches_url, model_url, model_cfg, train_cfg)
+    progress = Queue() if on_epoch else None
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"model": asdict(model_cfg), "train": asdict(train_cfg), "patches": patches_url,
+                           "alexnet_weights": alexnet_weights, "checkpoint_every": run.checkpoint_every,
+                           "threads": cpus, "progress": progress},
+        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RayRunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
+                                failure_config=FailureConfig(max_failures=run.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    stop = threading.Event()
+    if progress is not None:
+        def pump():
+            while not stop.is_set() or not progress.empty():
+                try:
+                    on_epoch(progress.get(timeout=0.5))
+                except Exception:  # noqa: BLE001 - queue.Empty and shutdown races
+                    continue
+        pumper = threading.Thread(target=pump, daemon=True)
+        pumper.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if progress is not None:
+            pumper.join(timeout=5)
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
+    model = build_model(model_cfg)
+    model.load_state_dict(state["model"])
+    history = [state["metrics"]]
+    card = make_card(model_cfg, train_cfg, patches_url, attrs, history)
+    card = replace(card, training={**card.training, "run_name": name, "storage": storage_url,
+                                   "workers": run.workers, "use_gpu": use_gpu, "epochs_run": int(state["epoch"]) + 1})
+    return save_model(model_url, model.eval().to(memory_format=torch.contiguous_format), card)
