@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
 from .config import LOSSES, PRECISIONS, InspectConfig, ModelConfig, PrepareConfig, SynthConfig, TrainConfig
 from .raytrain import RunConfig
+from .storage import ENDPOINT_ENV
 
 
 class OneLineErrors(click.Group):
@@ -23,6 +25,13 @@ class OneLineErrors(click.Group):
         except (InputError, StorageError, FileNotFoundError, ValueError) as exc:
             click.echo(f"ray-inspect: error: {exc}", err=True)
             sys.exit(2)
+        except Exception as exc:
+            if type(exc).__name__ != "TrainingFailedError":  # ray.train's, without importing Ray here
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            click.echo(f"ray-inspect: error: training failed after its retries ({first[:300]}); "
+                       "rerun the same command to resume from the last checkpoint", err=True)
+            sys.exit(2)
 
 
 def _emit(data: dict, as_json: bool, text: str) -> None:
@@ -31,8 +40,13 @@ def _emit(data: dict, as_json: bool, text: str) -> None:
 
 @click.group(cls=OneLineErrors)
 @click.version_option(package_name="ray-inspect")
-def main() -> None:
+@click.option("--s3-endpoint", envvar="RAY_INSPECT_S3_ENDPOINT", default=None, metavar="URL",
+              help="Endpoint of an S3-compatible store (also RAY_INSPECT_S3_ENDPOINT); credentials come from "
+                   "the AWS environment variables or profile, never from options.")
+def main(s3_endpoint: str | None) -> None:
     """Unsupervised defect segmentation of industrial images (SSIM autoencoder, Bergmann et al. 2019)."""
+    if s3_endpoint:
+        os.environ[ENDPOINT_ENV] = s3_endpoint  # read by storage and passed on to Ray workers
 
 
 @main.command()

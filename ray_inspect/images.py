@@ -125,7 +125,7 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
-    """uint8 (H, W) or (H, W, 3) -> PNG bytes."""
+    """uint8 (H, W) or (H, W, 3), or a bool mask (saved as a 1-bit PNG) -> PNG bytes."""
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
