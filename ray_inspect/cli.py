@@ -26,10 +26,11 @@ class OneLineErrors(click.Group):
             click.echo(f"ray-inspect: error: {exc}", err=True)
             sys.exit(2)
         except Exception as exc:
-            if type(exc).__name__ != "TrainingFailedError":  # ray.train's, without importing Ray here
+            if "TrainingFailedError" not in {c.__name__ for c in type(exc).__mro__}:  # ray.train's errors
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"ray-inspect: error: training failed after its retries ({first[:300]}); "
+            lines = [ln.strip() for ln in str(exc).splitlines() if "Error" in ln and ": " in ln]
+            cause = lines[-1] if lines else type(exc).__name__   # the worker's own exception line
+            click.echo(f"ray-inspect: error: training failed after its retries ({cause[:300]}); "
                        "rerun the same command to resume from the last checkpoint", err=True)
             sys.exit(2)
 

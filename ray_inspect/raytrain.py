@@ -22,7 +22,7 @@ import torch
 from . import storage
 from .artifact import ModelCard, save_model
 from .config import ModelConfig, TrainConfig, from_dict
-from .model import build_model
+from .model import AlexNetFeatures, build_model
 from .patches import open_patches
 from .raycluster import ensure_ray
 from .train import PatchBatches, build, make_card, train_epoch
@@ -61,6 +61,10 @@ def _storage_fs(url: str):
                            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5)) if endpoint else \
         pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5))
     return url.split("://", 1)[1].rstrip("/"), fs
+
+
+def _absolute(url: str) -> str:
+    return os.path.abspath(storage.local_path(url)) if storage.is_local(url) else url
 
 
 def _steps_per_epoch(batches: PatchBatches, epoch: int) -> int:
@@ -146,6 +150,10 @@ def fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: Tra
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    # Ray Train workers run in their own working directory: hand them absolute local paths.
+    patches_url, alexnet_weights = _absolute(patches_url), alexnet_weights and _absolute(alexnet_weights)
+    if model_cfg.loss == "fm":
+        AlexNetFeatures.from_file(alexnet_weights or "")  # a bad weights file fails here, not in every worker
     arr = open_patches(patches_url)
     if arr.shape[1] != model_cfg.channels:
         raise ValueError(f"{patches_url}: patches have {arr.shape[1]} channel(s), the model expects {model_cfg.channels}")

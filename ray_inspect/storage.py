@@ -8,6 +8,7 @@ an AWS profile and are never logged; the endpoint of an S3-compatible store from
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import tempfile
@@ -96,30 +97,31 @@ def _error(url: str, exc: BaseException, action: str) -> StorageError:
     return StorageError(f"{url}: cannot {action} ({_short(exc)})")
 
 
-@retrying
-def _read(url: str) -> bytes:
+def _storage_call(action: str):
+    """Retry transient errors with backoff, then turn any failure into one StorageError line."""
+    def deco(fn):
+        retried = retrying(fn)
+
+        @functools.wraps(fn)
+        def wrapper(url: str, *args, **kwargs):
+            try:
+                return retried(url, *args, **kwargs)
+            except _FAILURES as exc:
+                raise _error(url, exc, action) from None
+        return wrapper
+    return deco
+
+
+@_storage_call("read")
+def read_bytes(url: str) -> bytes:
+    """Whole object; a missing or unreadable URL raises StorageError naming it."""
     fs, path = get_fs(url)
     return fs.cat_file(path)
 
 
-def read_bytes(url: str) -> bytes:
-    """Whole object; a missing or unreadable URL raises StorageError naming it."""
-    try:
-        return _read(url)
-    except _FAILURES as exc:
-        raise _error(url, exc, "read") from None
-
-
+@_storage_call("write")
 def write_bytes(url: str, data: bytes) -> None:
     """Atomic write: a temporary sibling renamed into place locally, one PUT on object storage."""
-    try:
-        _write(url, data)
-    except _FAILURES as exc:
-        raise _error(url, exc, "write") from None
-
-
-@retrying
-def _write(url: str, data: bytes) -> None:
     if is_local(url):
         path = local_path(url)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -145,42 +147,21 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode()
 
 
+@_storage_call("check")
 def exists(url: str) -> bool:
-    try:
-        return _exists(url)
-    except _FAILURES as exc:
-        raise _error(url, exc, "check") from None
-
-
-@retrying
-def _exists(url: str) -> bool:
     fs, path = get_fs(url)
     return fs.exists(path)
 
 
+@_storage_call("check")
 def isdir(url: str) -> bool:
-    try:
-        return _isdir(url)
-    except _FAILURES as exc:
-        raise _error(url, exc, "check") from None
-
-
-@retrying
-def _isdir(url: str) -> bool:
     fs, path = get_fs(url)
     return fs.isdir(path)
 
 
+@_storage_call("list")
 def find(url: str) -> list[str]:
     """All files below a prefix, recursively, as full URLs in sorted order."""
-    try:
-        return _find(url)
-    except _FAILURES as exc:
-        raise _error(url, exc, "list") from None
-
-
-@retrying
-def _find(url: str) -> list[str]:
     fs, path = get_fs(url)
     if not fs.exists(path):
         raise StorageError(f"{url}: no such directory or prefix")
@@ -203,13 +184,11 @@ def relative(url: str, root: str) -> str:
     return rel.replace(os.sep, "/")
 
 
+@_storage_call("remove")
 def remove(url: str, recursive: bool = False) -> None:
-    try:
-        fs, path = get_fs(url)
-        if fs.exists(path):
-            fs.rm(path, recursive=recursive)
-    except _FAILURES as exc:
-        raise _error(url, exc, "remove") from None
+    fs, path = get_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
 
 
 def makedirs(url: str) -> None:

@@ -52,3 +52,30 @@ def test_synth_scan_report_json(trained_model, dataset, tmp_path):
     assert all(0 <= data[k] <= 1 for k in ("pixel_auroc", "au_pro", "image_auroc"))
     res = runner.invoke(main, ["report", str(tmp_path / "out")])
     assert "pixel AUROC" in res.stdout and "AU-PRO" in res.stdout
+
+
+@pytest.mark.slow
+def test_train_with_relative_paths(ray_session, patches, tmp_path, monkeypatch):
+    """Ray Train workers run in another working directory: relative paths must still work."""
+    shutil.copytree(patches, tmp_path / "p.zarr")
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["train", "p.zarr", "model", "--epochs", "1", "--latent", "8",
+                                    "--storage", "runs", "--run-name", "rel", "--json"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "model" / "card.json").exists() and (tmp_path / "runs" / "rel" / "epoch-00001").exists()
+
+
+def test_training_failure_is_one_line(ray_session, patches, tmp_path):
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(patches, broken)
+    for chunk in (broken / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"not a zstd frame")       # every chunk unreadable inside the workers
+    res = CliRunner().invoke(main, ["train", str(broken), str(tmp_path / "m"), "--epochs", "1", "--storage",
+                                    str(tmp_path / "runs"), "--max-failures", "0"])
+    assert res.exit_code == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ray-inspect: error: training failed") and "Error" in last and len(last) < 600
+    res = CliRunner().invoke(main, ["train", patches, str(tmp_path / "m"), "--loss", "fm",
+                                    "--alexnet-weights", str(tmp_path / "missing.pth")])
+    assert res.exit_code == 2 and "missing.pth" in res.stderr and "Traceback" not in res.stderr
