@@ -196,7 +196,7 @@ def scan(model, source, out, stride, precision, batch_size, threshold, as_json):
     2 the scan could not run.
     """
     from .datasets import list_samples
-    from .report import summary_table
+    from .report import SUMMARY_KEYS, summary_table
     from .scan import scan as run
 
     n = len(list_samples(source))
@@ -205,8 +205,7 @@ def scan(model, source, out, stride, precision, batch_size, threshold, as_json):
                       progress=lambda _k: bar.update(1),
                       on_error=lambda e: click.echo(f"\nskipped {e['url']}: {e['reason']}", err=True))
     m = summary.get("metrics", {})
-    rep = {**{k: m.get(k) for k in ("pixel_auroc", "au_pro", "image_auroc", "pixel_auroc_opened",
-                                     "au_pro_opened")}, "scan": summary}
+    rep = {**{k: m.get(k) for k in SUMMARY_KEYS}, "scan": summary}
     _emit(summary, as_json, summary_table(rep))
     sys.exit(summary["exit_code"])
 
@@ -217,10 +216,10 @@ def scan(model, source, out, stride, precision, batch_size, threshold, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def report(out, worst, as_json):
     """Summarise the scan in OUT: metrics table, roc.png, overlays/ of the worst images."""
-    from .report import summary_table, write_report
+    from .report import SUMMARY_KEYS, summary_table, write_report
 
     rep = write_report(out, worst)
-    data = {k: rep[k] for k in ("pixel_auroc", "au_pro", "image_auroc", "pixel_auroc_opened", "au_pro_opened")}
+    data = {k: rep[k] for k in SUMMARY_KEYS}
     data.update({"metrics": rep["metrics"], "scan": rep["scan"], "written": rep["written"]})
     _emit(data, as_json, summary_table(rep) + "\n" + "\n".join(f"wrote {w}" for w in rep["written"]))
 
