@@ -25,7 +25,7 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
     urls = defect_free(images)
     if not urls:
         raise FileNotFoundError(f"{images}: no defect-free validation images found")
-    opened, raw, errors = [], [], []
+    opened, errors = [], []
     for url in urls:
         try:
             img, _ = inspector.load(Sample(url, url))
@@ -34,7 +34,6 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
             continue
         res = inspector.inspect(img, url)
         opened.append(res.opened)
-        raw.append(res.residual)
         if progress:
             progress(url)
     if not opened:
@@ -43,7 +42,7 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
         t = threshold_for_min_area(opened, min_area)
         rule = {"rule": "min_area", "min_area": min_area}
     else:
-        t = threshold_for_fpr(raw, fpr)
+        t = threshold_for_fpr(opened, fpr)  # the FPR of the masks the scan will write (opened > t)
         rule = {"rule": "fpr", "fpr": fpr}
     rule.update({"images": len(opened), "source": images, "stride": cfg.stride, "precision": cfg.precision})
     if write:

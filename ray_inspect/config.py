@@ -86,8 +86,8 @@ class InspectConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
-        if self.stride < 1:
-            raise ValueError("stride must be positive")
+        if not 1 <= self.stride <= 128:
+            raise ValueError(f"stride must be between 1 and the 128-px window (every pixel covered), not {self.stride}")
 
 
 @dataclass(frozen=True)

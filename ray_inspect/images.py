@@ -80,7 +80,7 @@ def decode(data: bytes, url: str, channels: int = 1) -> np.ndarray:
                     arr = np.asarray(im)
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, tifffile.TiffFileError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (bombs, unsupported TIFFs) is bad input
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         if isinstance(exc, UnidentifiedImageError):
             reason = "not an image (cannot identify format)"

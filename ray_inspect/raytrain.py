@@ -44,8 +44,10 @@ class RunConfig:
     cpus_per_worker: int | None = None
 
 
-def default_run_name(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
-    key = json.dumps([patches_url, model_url, asdict(model_cfg), asdict(train_cfg)], sort_keys=True)
+def default_run_name(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                     fingerprint: str | None = None) -> str:
+    """Same inputs (including the patches' content fingerprint), same run: a rerun resumes."""
+    key = json.dumps([patches_url, fingerprint, model_url, asdict(model_cfg), asdict(train_cfg)], sort_keys=True)
     return f"{model_cfg.loss}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -97,17 +99,18 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
-    model, opt, loss_fn = build(model_cfg, train_cfg, config.get("alexnet_weights"))
-    start = 0
+    model, opt, loss_fn = build(model_cfg, train_cfg, config.get("alexnet_weights"), device)
+    start, state = 0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = int(state["epoch"]) + 1
     ddp = ray.train.torch.prepare_model(model)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])  # after the move: Adam's state follows the parameters' device
     data = PatchBatches(open_patches(config["patches"]), train_cfg.batch_size, seed=train_cfg.seed, rank=rank,
                         world=world)
     every = max(1, int(config["checkpoint_every"]))
@@ -166,7 +169,7 @@ def fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: Tra
     cpus = run.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // run.workers)
     storage_url = run.storage or os.path.join(os.path.expanduser("~"), ".cache", "ray-inspect", "runs")
     storage_path, fs = _storage_fs(storage_url)
-    name = run.run_name or default_run_name(patches_url, model_url, model_cfg, train_cfg)
+    name = run.run_name or default_run_name(patches_url, model_url, model_cfg, train_cfg, attrs.get("fingerprint"))
     progress = Queue() if on_epoch else None
     trainer = TorchTrainer(
         train_loop,

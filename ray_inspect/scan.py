@@ -50,11 +50,12 @@ class Evaluation:
         self.image_scores: list[float] = []
         self.image_labels: list[bool] = []
 
-    def add(self, result: ImageResult, gt: np.ndarray) -> None:
+    def add(self, result: ImageResult, gt: np.ndarray, defective: bool) -> None:
+        """``defective`` comes from the sample: a tiny defect may vanish from the downscaled mask."""
         self.raw.update(result.residual, gt)
         self.opened.update(result.opened, gt)
         self.image_scores.append(result.score)
-        self.image_labels.append(bool(gt.any()))
+        self.image_labels.append(defective)
 
     def metrics(self) -> dict:
         out: dict = {"images": len(self.image_scores), "defective": int(sum(self.image_labels)),
@@ -104,7 +105,7 @@ def _finish(inspector: Inspector, out: str, key: str, residual: np.ndarray, tile
     write_result(out, result, extra)
     if evaluation is not None and gt is not None:
         with lock:
-            evaluation.add(result, gt)
+            evaluation.add(result, gt, extra["defect_type"] not in (None, "good"))
 
 
 def _load(inspector: Inspector, sample: Sample):
@@ -129,6 +130,7 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
     if not samples:
         raise FileNotFoundError(f"{source}: no images (PNG, TIFF, JPEG) found")
     evaluation = Evaluation(card.score_range, metrics_cfg) if any(s.labelled for s in samples) else None
+    storage.remove(storage.join(out, "_SUCCESS"))  # a reused OUT is not "finished" until this run is
     errors: list[dict] = []
     done = 0
     # The model runs on this thread; reads (decode), segmentation and writes (encode, upload) run

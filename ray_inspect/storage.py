@@ -19,6 +19,8 @@ from fsspec.core import url_to_fs
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 ENDPOINT_ENV = "RAY_INSPECT_S3_ENDPOINT"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class StorageError(OSError):
@@ -129,6 +131,9 @@ def write_bytes(url: str, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -83,13 +83,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build(model_cfg: ModelConfig, train_cfg: TrainConfig, alexnet_weights: str | None = None):
-    """Seeded model, optimizer and loss, identical on every rank."""
+def build(model_cfg: ModelConfig, train_cfg: TrainConfig, alexnet_weights: str | None = None,
+          device: torch.device | str = "cpu"):
+    """Seeded model, optimizer and loss, identical on every rank (the frozen AlexNet on ``device``)."""
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg)
     if train_cfg.precision == "bfloat16":
         model = model.to(memory_format=torch.channels_last)
-    alexnet = AlexNetFeatures.from_file(alexnet_weights) if model_cfg.loss == "fm" and alexnet_weights else None
+    alexnet = AlexNetFeatures.from_file(alexnet_weights).to(device) if model_cfg.loss == "fm" and alexnet_weights else None
     return model, make_optimizer(model, train_cfg), make_loss(model_cfg, alexnet)
 
 

@@ -1,6 +1,7 @@
 """Data-parallel training on Ray Train: DDP sync, checkpoints, resume, worker faults, S3 storage."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def test_driver_interrupted_rerun_finishes_identically(patches, tmp_path):
     assert not (tmp_path / "m" / "card.json").exists()
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "resumed from epoch 2" in again.stderr or "resumed from epoch 3" in again.stderr
+    # the last checkpoint the killed run had registered (epoch 1 or 2: its folder can appear first)
+    assert re.search(r"resumed from epoch [123] ", again.stderr), again.stderr[-2000:]
     a, b = load_model(str(tmp_path / "ref")), load_model(str(tmp_path / "m"))
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0)

@@ -14,6 +14,9 @@ def test_atomic_write_and_read(tmp_path):
     assert storage.read_bytes(url) == b"two"
     assert not [f for f in os.listdir(tmp_path / "a" / "b") if f.startswith(".tmp-")]
     assert storage.read_bytes("file://" + url) == b"two"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(url).st_mode & 0o777 == 0o666 & ~umask   # not mkstemp's 0600
 
 
 def test_find_relative_and_errors(tmp_path):

@@ -46,6 +46,13 @@ def test_matches_naive_loop(model, shape, stride):
     assert np.abs(got - ref).max() <= 1e-5
 
 
+def test_stride_wider_than_a_window_is_refused():
+    from ray_inspect.config import InspectConfig
+
+    with pytest.raises(ValueError, match="every pixel covered"):
+        InspectConfig(stride=129)
+
+
 def test_grid_covers_every_pixel_flush_with_borders():
     for size in (128, 129, 157, 256, 1000):
         s = window_starts(size, 128, 30)
