@@ -46,6 +46,7 @@ class ModelCard:
 
     model: ModelConfig
     resize: int | None = 256
+    source_size: tuple[int, int] | None = None   # training images' (H, W) before the resize
     stride: int = 30
     threshold: float | None = None
     threshold_rule: dict[str, Any] | None = None
@@ -59,6 +60,16 @@ class ModelCard:
     architecture: str = "bergmann2019-cae"
     format: int = FORMAT
 
+    def processing_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Images are scaled by the factor that took the training images to ``resize``; a card
+        without the training size keeps the older fixed ``resize`` x ``resize``."""
+        if self.resize is None:
+            return height, width
+        if not self.source_size:
+            return self.resize, self.resize
+        sh, sw = self.source_size
+        return max(1, round(height * self.resize / sh)), max(1, round(width * self.resize / sw))
+
     def to_json(self) -> str:
         d = asdict(self)
         d["score_range"] = list(self.score_range)
@@ -69,12 +80,14 @@ class ModelCard:
         d = json.loads(text)
         d["model"] = from_dict(ModelConfig, d["model"])
         d["score_range"] = tuple(d.get("score_range", score_range(d["model"].loss)))
+        d["source_size"] = tuple(d["source_size"]) if d.get("source_size") else None
         return from_dict(cls, d)
 
     @property
     def fingerprint(self) -> str:
         """Identity of the model and the settings that change its outputs."""
-        key = json.dumps([self.weights_sha256, self.resize, self.threshold, asdict(self.model)], sort_keys=True)
+        key = json.dumps([self.weights_sha256, self.resize, self.source_size, self.threshold, asdict(self.model)],
+                         sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

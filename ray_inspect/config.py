@@ -82,8 +82,11 @@ class InspectConfig:
     precision: str = "bfloat16"
     opening_diameter: int = 4     # circular structuring element of diameter 4 (not disk(4), which is 9 wide)
     seed: int = 0                 # VAE latent sampling
+    region_pixels: int = 1 << 24  # larger images go in bands of about this many pixels (bounded memory)
 
     def __post_init__(self) -> None:
+        if self.region_pixels < 1:
+            raise ValueError("region_pixels must be positive")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
         if not 1 <= self.stride <= 128:

@@ -17,6 +17,7 @@ class Sample:
     key: str                       # relative path below the source root, e.g. test/cut/003.png
     defect_type: str | None = None  # "good" for defect-free, None when unlabelled
     mask_url: str | None = None     # expected mask for a defective image of an MVTec root
+    version: str = ""               # size and ETag/mtime of the input when listed
 
     @property
     def labelled(self) -> bool:
@@ -36,6 +37,10 @@ def _images_below(url: str) -> list[str]:
     return [u for u in storage.find(url) if is_image(u)]
 
 
+def _versions_below(url: str) -> dict[str, str]:
+    return {u: v for u, v in storage.find_versions(url).items() if is_image(u)}
+
+
 def train_images(root: str) -> list[str]:
     """Defect-free training images: ROOT/train/good/*, or every image below ROOT otherwise."""
     good = storage.join(root, "train", "good")
@@ -50,7 +55,7 @@ def list_samples(source: str) -> list[Sample]:
     if is_mvtec_root(source):
         test = storage.join(source, "test")
         out = []
-        for url in _images_below(test):
+        for url, version in _versions_below(test).items():
             rel = storage.relative(url, test)
             defect = rel.split("/", 1)[0] if "/" in rel else "good"
             mask = None
@@ -59,10 +64,9 @@ def list_samples(source: str) -> list[Sample]:
                 sub = posixpath.dirname(rel.split("/", 1)[1]) if rel.count("/") > 1 else ""
                 mask = storage.join(source, "ground_truth", defect, sub, f"{stem}_mask.png") if sub else \
                     storage.join(source, "ground_truth", defect, f"{stem}_mask.png")
-            out.append(Sample(url, "test/" + rel, defect, mask))
+            out.append(Sample(url, "test/" + rel, defect, mask, version))
         return out
-    urls = _images_below(source)
-    return [Sample(u, storage.relative(u, source)) for u in urls]
+    return [Sample(u, storage.relative(u, source), version=v) for u, v in _versions_below(source).items()]
 
 
 def defect_free(source: str) -> list[str]:

@@ -28,15 +28,12 @@ def is_image(url: str) -> bool:
     return url.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _scale(arr: np.ndarray, url: str) -> np.ndarray:
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / 65535.0
-    if arr.dtype == bool:
-        return arr.astype(np.float32)
+def _check_pixels(arr: np.ndarray, url: str) -> np.ndarray:
+    """Accept the pixel types we can scale to [0, 1]; float images must be finite and in range."""
+    if arr.dtype in (np.uint8, np.uint16, bool):
+        return arr
     if np.issubdtype(arr.dtype, np.floating):
-        arr = arr.astype(np.float32)
+        arr = arr.astype(np.float32, copy=False)
         if not np.isfinite(arr).all():
             raise InputError(url, "image contains NaN or infinite values", "nan")
         if arr.min() < 0 or arr.max() > 1:
@@ -45,22 +42,38 @@ def _scale(arr: np.ndarray, url: str) -> np.ndarray:
     raise InputError(url, f"unsupported pixel type {arr.dtype}", "mode")
 
 
-def _to_channels(arr: np.ndarray, channels: int, url: str) -> np.ndarray:
+def _layout(arr: np.ndarray, url: str) -> np.ndarray:
+    """(H, W) or (H, W, 3): planar TIFFs moved to channels-last, alpha and singleton channels dropped."""
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = np.moveaxis(arr, 0, -1)  # planar TIFF
+        arr = np.moveaxis(arr, 0, -1)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim == 3 and arr.shape[-1] == 4:
         arr = arr[..., :3]
-    if arr.ndim == 2:
-        return arr if channels == 1 else np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim == 3 and arr.shape[-1] == 3:
-        return rgb2gray(arr).astype(np.float32) if channels == 1 else arr
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3):
+        return arr
     raise InputError(url, f"unsupported image shape {arr.shape}", "mode")
 
 
-def decode(data: bytes, url: str, channels: int = 1) -> np.ndarray:
-    """Bytes of a PNG/TIFF/JPEG -> float32 (H, W) for gray or (H, W, 3) for colour, in [0, 1]."""
+def to_float(arr: np.ndarray, channels: int = 1) -> np.ndarray:
+    """Native pixels (all or some rows of a decoded image) -> float32 in [0, 1] with ``channels``.
+
+    Pixel-wise, so converting a band of rows gives exactly those rows of the whole conversion.
+    """
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        out = arr.astype(np.float32) / 65535.0
+    else:
+        out = arr.astype(np.float32)
+    if out.ndim == 2:
+        return out if channels == 1 else np.repeat(out[..., None], 3, axis=-1)
+    return rgb2gray(out).astype(np.float32) if channels == 1 else out
+
+
+def decode_raw(data: bytes, url: str) -> np.ndarray:
+    """Bytes of a PNG/TIFF/JPEG -> validated pixels in their own type (uint8, uint16, bool or
+    float32), (H, W) or (H, W, 3). A large image stays compact until ``to_float`` on a band."""
     if not data:
         raise InputError(url, "empty file (0 bytes)", "empty")
     ext = os.path.splitext(url.lower())[1]
@@ -87,15 +100,25 @@ def decode(data: bytes, url: str, channels: int = 1) -> np.ndarray:
         raise InputError(url, f"corrupt or truncated image ({reason[:160]})", "corrupt") from None
     if arr.size == 0:
         raise InputError(url, "image has no pixels", "empty")
-    return _to_channels(_scale(np.asarray(arr), url), channels, url)
+    return _layout(_check_pixels(np.asarray(arr), url), url)
 
 
-def read_image(url: str, channels: int = 1) -> np.ndarray:
+def decode(data: bytes, url: str, channels: int = 1) -> np.ndarray:
+    """Bytes of a PNG/TIFF/JPEG -> float32 (H, W) for gray or (H, W, 3) for colour, in [0, 1]."""
+    return to_float(decode_raw(data, url), channels)
+
+
+def read_raw(url: str) -> tuple[np.ndarray, int]:
+    """Read and decode an image, keeping its own pixel type (see ``decode_raw``); also the bytes read."""
     try:
         data = storage.read_bytes(url)
     except storage.StorageError as exc:
         raise InputError(url, str(exc).split(": ", 1)[-1], "unreadable") from None
-    return decode(data, url, channels)
+    return decode_raw(data, url), len(data)
+
+
+def read_image(url: str, channels: int = 1) -> np.ndarray:
+    return to_float(read_raw(url)[0], channels)
 
 
 def read_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
@@ -106,18 +129,23 @@ def read_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
     return m > 0.5
 
 
-def resize_image(img: np.ndarray, size: int | None) -> np.ndarray:
-    """Downscale to size x size (anti-aliased), as the paper does for textures; None keeps it."""
-    if size is None or img.shape[:2] == (size, size):
+def _shape(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_image(img: np.ndarray, size: int | tuple[int, int] | None) -> np.ndarray:
+    """Downscale to ``size`` (a side or (H, W); anti-aliased), as the paper does for textures;
+    None keeps the image as it is."""
+    if size is None or img.shape[:2] == _shape(size):
         return img
-    out = sk_resize(img, (size, size) + img.shape[2:], order=1, anti_aliasing=True, preserve_range=True)
+    out = sk_resize(img, _shape(size) + img.shape[2:], order=1, anti_aliasing=True, preserve_range=True)
     return np.clip(out, 0, 1).astype(np.float32)
 
 
-def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:
-    if size is None or mask.shape == (size, size):
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int] | None) -> np.ndarray:
+    if size is None or mask.shape == _shape(size):
         return mask
-    return sk_resize(mask.astype(np.float32), (size, size), order=1, anti_aliasing=False) >= 0.5
+    return sk_resize(mask.astype(np.float32), _shape(size), order=1, anti_aliasing=False) >= 0.5
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:

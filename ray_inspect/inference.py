@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import InspectConfig, ModelConfig, SSIMConfig
 from .ssim import ssim_map
-from .tiling import TileGrid, extract_tiles, grid_for, overlap_add, pad_to_patch
+from .tiling import Band, TileGrid, extract_tiles, grid_for, overlap_add, pad_to_patch
 
 
 def precision_context(precision: str, device: torch.device):
@@ -93,28 +93,44 @@ class Reconstructor:
         dec = self.model.decoder(z.flatten(0, 1)).float().unflatten(0, (len(tiles), n))
         return ((tiles.float()[:, None] - dec) ** 2).mean(dim=1)
 
+    def grid(self, height: int, width: int) -> TileGrid:
+        """The window grid of a (padded) image of this size."""
+        return grid_for(height, width, self.patch, self.cfg.stride)
+
     def run(self, image: torch.Tensor, key: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Averaged reconstruction of a (C, H, W) image (and, for the VAE, its averaged NLL map)."""
+        """Averaged reconstruction of a whole (C, H, W) image (and, for the VAE, its averaged NLL map)."""
         c, h, w = image.shape
         padded = pad_to_patch(image.to(self.device, torch.float32), self.patch)
-        grid = grid_for(padded.shape[1], padded.shape[2], self.patch, self.cfg.stride)
-        acc = torch.zeros_like(padded)
-        nll = torch.zeros_like(padded) if self.model_cfg.loss == "vae" else None
+        grid = self.grid(padded.shape[1], padded.shape[2])
+        whole = Band((0, h), (0, h), (0, h), (0, len(grid.ys)), (0, padded.shape[1]))
+        recon, nll = self.run_band(padded, grid, whole, key)
+        return recon[..., :w], (None if nll is None else nll[..., :w])
+
+    def run_band(self, rows: torch.Tensor, grid: TileGrid, band: Band,
+                 key: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Averaged reconstruction of ``band.recon_rows``, given the image rows ``band.input_rows``
+        as a (C, n, W) tensor; only the band's windows are run."""
+        i0 = band.input_rows[0]
+        rows = rows.to(self.device, torch.float32)
+        acc = torch.zeros_like(rows)
+        nll = torch.zeros_like(rows) if self.model_cfg.loss == "vae" else None
         # Windows are gathered from a bf16 copy when the network runs in bf16 anyway (half the
-        # memory traffic); one autocast region per image casts the weights once, not per batch.
-        src = padded.to(torch.bfloat16) if self.cfg.precision == "bfloat16" and nll is None else padded
+        # memory traffic); one autocast region per band casts the weights once, not per batch.
+        src = rows.to(torch.bfloat16) if self.cfg.precision == "bfloat16" and nll is None else rows
         with torch.inference_mode(), precision_context(self.cfg.precision, self.device):
-            for start, stop in grid.batches(self.cfg.batch_size):
+            for start, stop in grid.batches(self.cfg.batch_size, band.grid_rows):
                 pos = grid.positions[start:stop]
-                tiles = extract_tiles(src, pos, self.patch)
-                overlap_add(acc, self._forward(tiles), pos)
+                local = pos - np.array([i0, 0])
+                tiles = extract_tiles(src, local, self.patch)
+                overlap_add(acc, self._forward(tiles), local)
                 if nll is not None:
-                    overlap_add(nll, self._vae_nll(tiles, pos, key), pos)
+                    overlap_add(nll, self._vae_nll(tiles, pos, key), local)
                 self.tiles_processed += len(pos)
-        cover = grid.coverage.to(self.device)
-        recon = (acc / cover).clamp_(0.0, 1.0)[:, :h, :w]
+        c0, c1 = band.recon_rows
+        cover = grid.coverage_rows(c0, c1).to(self.device)
+        recon = (acc[:, c0 - i0 : c1 - i0] / cover).clamp_(0.0, 1.0)
         if nll is not None:
-            nll = (nll / cover)[:, :h, :w]
+            nll = nll[:, c0 - i0 : c1 - i0] / cover
         return recon, nll
 
     def residual(self, image: torch.Tensor, recon: torch.Tensor, nll: torch.Tensor | None = None) -> torch.Tensor:

@@ -56,8 +56,13 @@ class PixelROC:
             self.defect = np.zeros(self.bins, np.int64)
             self.pro = np.zeros(self.bins, np.float64)
 
-    def update(self, scores: np.ndarray, mask: np.ndarray | None = None, regions: bool = True) -> "PixelROC":
-        """Add one map's pixels; ``mask`` True marks defect pixels (None: all good)."""
+    def update(self, scores: np.ndarray, mask: np.ndarray | None = None, regions: bool = True,
+               labels: np.ndarray | None = None, sizes: np.ndarray | None = None) -> "PixelROC":
+        """Add one map's pixels; ``mask`` True marks defect pixels (None: all good).
+
+        For a band of a larger map, pass the band's rows of the whole mask's region ``labels``
+        and the regions' whole ``sizes``; the caller then counts the regions once.
+        """
         idx = _bin_index(scores, *self.range, self.bins)
         if mask is None:
             self.good += np.bincount(idx, minlength=self.bins)
@@ -70,11 +75,13 @@ class PixelROC:
         self.good += both[:, 0]
         self.defect += both[:, 1]
         if regions and flat.any():
-            lab = label(m, connectivity=2).ravel()
-            sizes = np.bincount(lab)
+            if labels is None:
+                labels = label(m, connectivity=2)
+                sizes = np.bincount(labels.ravel())
+                self.regions += len(sizes) - 1
+            lab = labels.ravel()
             sel = lab > 0
             self.pro += np.bincount(idx[sel], weights=1.0 / sizes[lab[sel]], minlength=self.bins)
-            self.regions += len(sizes) - 1
         return self
 
     def __add__(self, other: "PixelROC") -> "PixelROC":

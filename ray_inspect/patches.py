@@ -26,12 +26,15 @@ class _ImageCache:
         self.urls, self.cfg, self.budget = urls, cfg, budget
         self.items: OrderedDict[int, np.ndarray] = OrderedDict()
         self.size = 0
+        self.source_size: list[int] | None = None   # (H, W) of the first image, before downscaling
 
     def get(self, i: int) -> np.ndarray:
         if i in self.items:
             self.items.move_to_end(i)
             return self.items[i]
-        img = to_uint8(resize_image(read_image(self.urls[i], self.cfg.channels), self.cfg.resize))
+        img = read_image(self.urls[i], self.cfg.channels)
+        self.source_size = self.source_size or [int(img.shape[0]), int(img.shape[1])]
+        img = to_uint8(resize_image(img, self.cfg.resize))
         img = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
         p = self.cfg.patch
         if img.shape[1] < p or img.shape[2] < p:
@@ -76,7 +79,8 @@ def prepare(dataset: str, out: str, cfg: PrepareConfig = PrepareConfig(),
         if progress:
             progress(stop - start)
     attrs = {"complete": True, "source": dataset, "resize": cfg.resize, "seed": cfg.seed, "patches": n,
-             "channels": c, "patch": p, "images": len(urls), "fingerprint": digest.hexdigest()[:16]}
+             "channels": c, "patch": p, "images": len(urls), "fingerprint": digest.hexdigest()[:16],
+             "source_size": cache.source_size}
     arr.attrs.update(attrs)
     return attrs
 

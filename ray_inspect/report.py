@@ -15,8 +15,9 @@ import tifffile  # noqa: E402
 from . import storage  # noqa: E402
 from .images import read_image, read_mask, resize_image, resize_mask  # noqa: E402
 from .metrics import PixelROC  # noqa: E402
-from .scan import output_key  # noqa: E402
+from .imagescan import output_urls  # noqa: E402
 
+OVERLAY_MAX_PIXELS = 4096 * 4096   # larger images are not drawn (a figure could not show them anyway)
 SUMMARY_KEYS = ("pixel_auroc", "au_pro", "image_auroc", "pixel_auroc_opened", "au_pro_opened")
 
 
@@ -40,7 +41,8 @@ def load_report(out: str) -> dict:
 
 def summary_table(rep: dict) -> str:
     scan = rep["scan"]
-    rows = [("images", f"{scan['images']} ({scan['scanned']} scanned, {scan['failed']} failed)")]
+    rows = [("images", f"{scan['images']} ({scan['scanned']} scanned, {scan.get('skipped', 0)} already done, "
+                       f"{scan['failed']} failed)")]
     names = {"pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO (FPR<=0.3)", "image_auroc": "image AUROC",
              "pixel_auroc_opened": "pixel AUROC, opened", "au_pro_opened": "AU-PRO, opened"}
     for k, label in names.items():
@@ -80,14 +82,14 @@ def roc_figure(raw: PixelROC, opened: PixelROC | None, fpr_limit: float = 0.3) -
 
 def overlay_figure(record: dict, out: str) -> bytes:
     """Input with predicted mask (red) and ground truth (green outline), beside the residual map."""
+    urls = output_urls(out, record["stem"])
     original = read_image(record["url"], 1)
-    residual = tifffile.imread(io.BytesIO(storage.read_bytes(
-        storage.join(out, "residuals", output_key(record["key"], ".tiff"))))).astype(np.float32)
-    size = None if original.shape == residual.shape else residual.shape[0]
+    residual = tifffile.imread(io.BytesIO(storage.read_bytes(urls["residual"]))).astype(np.float32)
+    size = None if original.shape == residual.shape else residual.shape
     img = resize_image(original, size)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4.6))
     a.imshow(img, cmap="gray", vmin=0, vmax=1)
-    mask_url = storage.join(out, "masks", output_key(record["key"], ".png"))
+    mask_url = urls["mask"]
     if storage.exists(mask_url):
         m = read_image(mask_url, 1) > 0.5
         a.imshow(np.ma.masked_where(~m, m), cmap="autumn", alpha=0.45)
@@ -114,9 +116,10 @@ def write_report(out: str, worst: int = 5) -> dict:
         if raw.defect.sum() and raw.good.sum():
             storage.write_bytes(storage.join(out, "roc.png"), roc_figure(raw, opened))
             written.append(storage.join(out, "roc.png"))
-    records = sorted(load_records(out), key=lambda r: -r["score"])[:worst]
+    records = [r for r in load_records(out) if r["height"] * r["width"] <= OVERLAY_MAX_PIXELS]
+    records = sorted(records, key=lambda r: -r["score"])[:worst]
     for i, rec in enumerate(records):
-        url = storage.join(out, "overlays", f"{i:02d}_" + output_key(rec["key"], ".png").replace("/", "_"))
+        url = storage.join(out, "overlays", f"{i:02d}_" + rec["stem"].replace("/", "_") + ".png")
         storage.write_bytes(url, overlay_figure(rec, out))
         written.append(url)
     rep["written"] = written

@@ -89,3 +89,40 @@ def threshold_for_min_area(opened_maps: list[np.ndarray], min_area: int) -> floa
         else:
             lo = mid + 1
     return float(cand[lo])
+
+
+class RegionCounter:
+    """Counts the 8-connected regions of a mask fed as consecutive bands of rows, without ever
+    labelling the whole mask (a 16k x 16k label image alone would take 2 GiB)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._next = 1
+        self._parent: dict[int, int] = {}
+        self._last: np.ndarray | None = None   # global labels of the previous band's last row
+
+    def _find(self, a: int) -> int:
+        root = a
+        while self._parent.get(root, root) != root:
+            root = self._parent[root]
+        while a != root:
+            self._parent[a], a = root, self._parent.get(a, a)
+        return root
+
+    def add(self, mask: np.ndarray) -> None:
+        lab, n = label(mask, connectivity=2, return_num=True)
+        lab = np.where(lab > 0, lab + (self._next - 1), 0)
+        self._next += n
+        self.count += n
+        if self._last is not None and n:
+            prev, first, w = self._last, lab[0], lab.shape[1]
+            for dx in (-1, 0, 1):   # 8-connectivity across the seam
+                a = prev[max(0, -dx) : w - max(0, dx)]
+                b = first[max(0, dx) : w - max(0, -dx)]
+                both = (a > 0) & (b > 0)
+                for x, y in set(zip(a[both].tolist(), b[both].tolist())):
+                    rx, ry = self._find(x), self._find(y)
+                    if rx != ry:
+                        self._parent[ry] = rx
+                        self.count -= 1
+        self._last = lab[-1] if len(lab) else self._last

@@ -52,6 +52,9 @@ def _pad_symmetric(x: torch.Tensor, r: int) -> torch.Tensor:
 _CPU_BLOCK = 1 << 18
 _CPU_BLOCK_GRAD = 1 << 22
 
+# Centre of the [0, 1] data range; a constant keeps results independent of how an image is cut.
+_SHIFT = 0.5
+
 
 def _correlate_valid(xp: torch.Tensor, k: list[float], h: int, w: int, block: int = _CPU_BLOCK) -> torch.Tensor:
     """Valid separable correlation of (M, h+2r, w+2r) planes with ``k``: shift-and-add in
@@ -122,9 +125,9 @@ def gaussian_blur(x: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torc
 
 
 def _moments(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float):
-    """Local means, variances and covariance; second moments are taken about the image mean
-    to limit float32 cancellation in E[x^2] - mu^2."""
-    shift = torch.cat([x, y], dim=1).mean(dim=(1, 2, 3), keepdim=True).detach()
+    """Local means, variances and covariance; second moments are taken about mid-range (a
+    constant, so every pixel depends on its neighbourhood only) to limit float32 cancellation."""
+    shift = _SHIFT
     xs, ys = x - shift, y - shift
     c = x.shape[1]
     stacked = torch.cat([xs, ys, xs * xs, ys * ys, xs * ys], dim=1)
@@ -158,7 +161,7 @@ def _ssim_strips(x: torch.Tensor, y: torch.Tensor, cfg: SSIMConfig, c1: float, c
     n, c, h, w = x.shape
     r = cfg.window // 2
     k = _kernel_cpu(cfg.window, float(cfg.sigma)).tolist()
-    shift = torch.cat([x, y], dim=1).mean(dim=(1, 2, 3), keepdim=True)
+    shift = _SHIFT
     xp, yp = _pad_symmetric(x - shift, r), _pad_symmetric(y - shift, r)
     out = torch.empty_like(x)
     for s in range(0, h, _STRIP_ROWS):

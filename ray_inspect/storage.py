@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 
@@ -144,6 +145,28 @@ def write_bytes(url: str, data: bytes) -> None:
     fs.pipe_file(path, data)  # S3 PutObject is all-or-nothing
 
 
+@_storage_call("write")
+def put_file(url: str, local: str) -> None:
+    """Atomic upload of a local file (for outputs too large to hold in memory)."""
+    if is_local(url):
+        path = local_path(url)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{unique_suffix()}"
+        try:
+            shutil.copyfile(local, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    fs, path = get_fs(url)
+    fs.put_file(local, path)  # a single or multipart upload: visible only once complete
+
+
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode())
 
@@ -175,6 +198,21 @@ def find(url: str) -> list[str]:
     if url.startswith("file://"):
         proto = "file://"
     return sorted(proto + f if proto and not f.startswith(proto) else f for f in files)
+
+
+@_storage_call("list")
+def find_versions(url: str) -> dict[str, str]:
+    """All files below a prefix with a version tag (size and ETag or mtime): a changed input
+    gets a new tag, so a rerun does not keep results of the old one."""
+    fs, path = get_fs(url)
+    if not fs.exists(path):
+        raise StorageError(f"{url}: no such directory or prefix")
+    proto = "file://" if url.startswith("file://") else (url.split("://", 1)[0] + "://" if "://" in url else "")
+    out = {}
+    for f, info in fs.find(path, detail=True).items():
+        tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+        out[proto + f if proto and not f.startswith(proto) else f] = f"{info.get('size')}-{str(tag).strip(chr(34))}"
+    return dict(sorted(out.items()))
 
 
 def relative(url: str, root: str) -> str:

@@ -1,4 +1,9 @@
-"""The sliding-window grid: 128-px windows at a stride, the last window flush with each border."""
+"""The sliding-window grid: 128-px windows at a stride, the last window flush with each border.
+
+A large image is processed in horizontal bands of whole rows: each band runs the windows that
+reach its rows (plus the margins the SSIM and the opening need) on the global grid, in the same
+batches as the whole image, so that the banded result is bit-for-bit the whole-image one.
+"""
 
 from __future__ import annotations
 
@@ -50,20 +55,75 @@ class TileGrid:
         return len(self.ys) * len(self.xs)
 
     @cached_property
-    def coverage(self) -> torch.Tensor:
-        """How many windows cover each pixel: the grid is a product, so it is an outer product."""
+    def _cover_1d(self) -> tuple[np.ndarray, np.ndarray]:
         cy = np.zeros(self.height, dtype=np.float32)
         cx = np.zeros(self.width, dtype=np.float32)
         for y in self.ys:
             cy[y : y + self.patch] += 1
         for x in self.xs:
             cx[x : x + self.patch] += 1
-        return torch.from_numpy(np.outer(cy, cx))
+        return cy, cx
 
-    def batches(self, batch_size: int):
-        """Yield (start, stop) index ranges into ``positions``."""
-        for start in range(0, len(self), batch_size):
-            yield start, min(start + batch_size, len(self))
+    def coverage_rows(self, start: int, stop: int) -> torch.Tensor:
+        """How many windows cover each pixel of rows [start, stop): the grid is a product, so
+        coverage is an outer product (never materialised for the whole of a large image)."""
+        cy, cx = self._cover_1d
+        return torch.from_numpy(np.outer(cy[start:stop], cx))
+
+    @cached_property
+    def coverage(self) -> torch.Tensor:
+        return self.coverage_rows(0, self.height)
+
+    def rows_per_group(self, batch_size: int) -> int:
+        """Grid rows per batch group: whole rows when a row fits in a batch, else one row."""
+        return max(1, batch_size // len(self.xs))
+
+    def batches(self, batch_size: int, grid_rows: tuple[int, int] | None = None):
+        """Yield (start, stop) index ranges into ``positions`` over grid rows [r0, r1).
+
+        Batches never straddle a group of ``rows_per_group`` rows, so any band aligned to groups
+        sees the same batches as the whole image (float32 kernels round differently for another
+        batch composition; bfloat16 ones happen not to).
+        """
+        nx, ny = len(self.xs), len(self.ys)
+        r0, r1 = grid_rows or (0, ny)
+        k = self.rows_per_group(batch_size)
+        for g in range(r0, r1, k):
+            lo, hi = g * nx, min(g + k, r1) * nx
+            for start in range(lo, hi, batch_size):
+                yield start, min(start + batch_size, hi)
+
+
+@dataclass(frozen=True)
+class Band:
+    """A horizontal band of an image: the rows it outputs and the rows each stage needs for them."""
+
+    rows: tuple[int, int]            # output rows (residual, mask) of this band
+    residual_rows: tuple[int, int]   # residual computed here: rows +- the opening's margin
+    recon_rows: tuple[int, int]      # reconstruction needed: residual rows +- the SSIM radius
+    grid_rows: tuple[int, int]       # window rows reaching the reconstruction rows, group-aligned
+    input_rows: tuple[int, int]      # image rows those windows read
+
+
+def plan_bands(grid: TileGrid, height: int, band_rows: int, margin: int, radius: int,
+               batch_size: int) -> list[Band]:
+    """Cut rows [0, height) into bands of ``band_rows`` output rows on ``grid``'s windows.
+
+    ``margin`` rows on each side feed the opening, ``radius`` more the SSIM window; the windows
+    are those reaching the reconstruction rows, widened to whole batch groups.
+    """
+    ys, p = grid.ys, grid.patch
+    k, ny = grid.rows_per_group(batch_size), len(ys)
+    bands = []
+    for o0 in range(0, height, band_rows):
+        o1 = min(height, o0 + band_rows)
+        r0, r1 = max(0, o0 - margin), min(height, o1 + margin)
+        c0, c1 = max(0, r0 - radius), min(height, r1 + radius)
+        j0 = int(np.searchsorted(ys + p, c0, side="right"))
+        j1 = int(np.searchsorted(ys, c1, side="left"))
+        j0, j1 = j0 // k * k, min(ny, -(-j1 // k) * k)
+        bands.append(Band((o0, o1), (r0, r1), (c0, c1), (j0, j1), (int(ys[j0]), int(ys[j1 - 1]) + p)))
+    return bands
 
 
 @lru_cache(maxsize=64)

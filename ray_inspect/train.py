@@ -97,7 +97,7 @@ def build(model_cfg: ModelConfig, train_cfg: TrainConfig, alexnet_weights: str |
 def make_card(model_cfg: ModelConfig, train_cfg: TrainConfig, patches_url: str, attrs: dict,
               history: list[dict]) -> ModelCard:
     return ModelCard(
-        model=model_cfg, resize=attrs.get("resize"), score_range=score_range(model_cfg.loss),
+        model=model_cfg, resize=attrs.get("resize"), source_size=attrs.get("source_size"), score_range=score_range(model_cfg.loss),
         training={**asdict(train_cfg), "final_loss": history[-1]["loss"] if history else None,
                   "epochs_run": len(history)},
         patches={"url": patches_url, "fingerprint": attrs.get("fingerprint"), "count": attrs.get("patches"),

@@ -1,4 +1,4 @@
-"""The per-image step, single-process scan with bad inputs, calibration and the report."""
+"""The per-image step, the scan with bad inputs, calibration and the report."""
 
 import io
 import json
@@ -17,7 +17,7 @@ from ray_inspect.datasets import list_samples
 from ray_inspect.images import read_image
 from ray_inspect.pipeline import Inspector
 from ray_inspect.report import write_report
-from ray_inspect.scan import EXIT_PARTIAL, scan
+from ray_inspect.fleet import EXIT_PARTIAL, scan
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def bad_corpus(root):
             "nomask.png": "no such file", "badmask.png": "mask is 10x10", "nan.tiff": "NaN"}
 
 
-def test_scan_records_bad_inputs_and_goes_on(calibrated, dataset, tmp_path):
+def test_scan_records_bad_inputs_and_goes_on(ray_session, calibrated, dataset, tmp_path):
     url, t = calibrated
     root = tmp_path / "data"
     shutil.copytree(dataset, root)
@@ -90,7 +90,7 @@ def test_scan_records_bad_inputs_and_goes_on(calibrated, dataset, tmp_path):
     assert rec["status"] == "ok" and rec["tiles"] > 0 and set(rec["timings"]) >= {"read", "inference"}
 
 
-def test_scan_metrics_agree_with_sklearn_and_report(calibrated, dataset, tmp_path):
+def test_scan_metrics_agree_with_sklearn_and_report(ray_session, calibrated, dataset, tmp_path):
     url, _ = calibrated
     out = tmp_path / "out"
     summary = scan(url, dataset, str(out), InspectConfig(precision="float32"))
@@ -117,7 +117,7 @@ def test_scan_metrics_agree_with_sklearn_and_report(calibrated, dataset, tmp_pat
     assert (out / "roc.png").stat().st_size > 1000 and len(list((out / "overlays").iterdir())) == 2
 
 
-def test_unlabelled_prefix_and_bfloat16(calibrated, dataset, tmp_path):
+def test_unlabelled_prefix_and_bfloat16(ray_session, calibrated, dataset, tmp_path):
     url, _ = calibrated
     src = tmp_path / "prefix" / "line1"
     shutil.copytree(f"{dataset}/test/cut", src)

@@ -1,0 +1,330 @@
+"""The scan on Ray: a pool of actors, each holding the model once, scans a source into OUT.
+
+Output layout under OUT (local or s3://), per image (see ``imagescan``): masks/, residuals/,
+stats/images/, records/; for the whole scan:
+  errors.jsonl            one line per bad input or lost image: {"key", "url", "reason", "kind"}
+  stats/shard-NNNNN.npz   ground-truth statistics of images [N*256, (N+1)*256) of the listing
+  metrics.json            pixel AUROC, AU-PRO, image AUROC (with ground truth)
+  manifest.json           settings, counts and each image's status
+  _SUCCESS                written last
+Why plain actors rather than Ray Data: the driver keeps a ledger of every image, so an image
+whose actor died is retried elsewhere and counted once, a rerun skips what is complete, and a
+large image stays one unit of work that its actor processes band by band in bounded memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import storage
+from .artifact import ModelCard, read_card
+from .config import InspectConfig, MetricsConfig
+from .datasets import Sample, list_samples
+from .evaluation import Evaluation
+from .imagescan import output_stems, output_urls, scan_image
+from .images import InputError
+
+EXIT_OK, EXIT_PARTIAL = 0, 3
+SCAN_FORMAT = 1          # bump when outputs of the same settings change
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """How the scan runs (not what it computes: none of these change an output)."""
+
+    workers: int | None = None            # actors; default one per GPU, else one per 4 CPUs
+    gpus_per_worker: float | None = None  # default 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the actors
+    depth: int = 3                        # images in flight per actor (read, compute, write overlap)
+    max_attempts: int = 3                 # an image whose actor dies this often is recorded as lost
+    shard_size: int = 256                 # images of the listing per statistics shard
+    force: bool = False                   # redo images whose outputs are complete
+    address: str | None = None            # Ray cluster to join (default RAY_ADDRESS, else local)
+
+
+class NullTelemetry:
+    """The telemetry interface the scan reports to; this one records nothing."""
+
+    def start(self, info: dict) -> None: ...
+    def actors(self, n: int) -> None: ...
+    def in_flight(self, n: int) -> None: ...
+    def image(self, record: dict) -> None: ...
+    def failed(self, kind: str) -> None: ...
+    def finish(self, summary: dict, ok: bool) -> None: ...
+
+
+def scan_fingerprint(card: ModelCard, cfg: InspectConfig, threshold: float | None, metrics_cfg: MetricsConfig) -> str:
+    """Identity of everything that changes an image's outputs; records carry it."""
+    key = [SCAN_FORMAT, card.fingerprint, threshold, cfg.stride, cfg.precision, cfg.opening_diameter, cfg.seed,
+           metrics_cfg.bins, list(card.score_range)]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+class ScanActor:
+    """One model on one device; ``scan`` runs concurrently in a few threads, the model under a lock."""
+
+    def __init__(self, model_url: str, cfg: InspectConfig, threshold: float | None, out: str,
+                 fingerprint: str, metrics_cfg: MetricsConfig, threads: int):
+        import ray
+        import torch
+
+        from .artifact import load_model
+        from .pipeline import Inspector
+
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        model = load_model(model_url, device)
+        self.inspector = Inspector(model, model.card, cfg, threshold, device)
+        self.out, self.fingerprint, self.metrics_cfg = out, fingerprint, metrics_cfg
+        self.lock = threading.Lock()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def scan(self, sample: Sample, stem: str) -> dict:
+        try:
+            record, stats = scan_image(self.inspector, sample, stem, self.out, self.fingerprint,
+                                       self.metrics_cfg, self.lock)
+        except InputError as exc:
+            return {"status": "error", "error": {"key": sample.key, "url": exc.url, "reason": exc.reason,
+                                                 "kind": exc.kind}}
+        return {"status": "ok", "record": record, "stats": stats}
+
+
+@dataclass
+class _Item:
+    index: int
+    sample: Sample
+    stem: str
+    attempts: int = 0
+
+
+@dataclass
+class _Ledger:
+    """The driver's account of the scan: every image ends here exactly once."""
+
+    samples: list[Sample]
+    shard_size: int
+    score_range: tuple[float, float]
+    metrics_cfg: MetricsConfig
+    out: str
+    status: dict[int, str] = field(default_factory=dict)        # index -> ok | skipped | error
+    stats: dict[int, bytes] = field(default_factory=dict)       # labelled, until their shard is written
+    errors: list[dict] = field(default_factory=list)
+    tiles: int = 0
+
+    def __post_init__(self):
+        self.pending: dict[int, int] = {}                            # shard -> labelled images to go
+        for i, s in enumerate(self.samples):
+            if s.labelled:
+                self.pending[i // self.shard_size] = self.pending.get(i // self.shard_size, 0) + 1
+        self._shards: dict[int, Evaluation] = {}
+
+    def done(self, index: int, status: str, stats: bytes | None = None, tiles: int = 0) -> None:
+        if index in self.status:
+            return                                                  # counted once, whatever happens
+        self.status[index] = status
+        self.tiles += tiles
+        if self.samples[index].labelled:
+            if stats is not None:
+                self.stats[index] = stats
+            shard = index // self.shard_size
+            self.pending[shard] -= 1
+            if self.pending[shard] == 0:
+                self._close_shard(shard)
+
+    def _close_shard(self, shard: int) -> None:
+        """Sum the shard's images in listing order (so the floating sums never depend on the
+        order images finished in), write it, and add it to the total."""
+        ev = Evaluation(self.score_range, self.metrics_cfg)
+        lo, hi = shard * self.shard_size, min(len(self.samples), (shard + 1) * self.shard_size)
+        for i in range(lo, hi):
+            data = self.stats.pop(i, None)
+            if data is not None:
+                ev += Evaluation.from_bytes(data)
+        storage.write_bytes(storage.join(self.out, "stats", f"shard-{shard:05d}.npz"), ev.to_bytes())
+        self._shards[shard] = ev
+
+    def evaluation(self) -> Evaluation | None:
+        if not self.pending:
+            return None
+        total = Evaluation(self.score_range, self.metrics_cfg)
+        for shard in sorted(self._shards):
+            total += self._shards[shard]
+        return total
+
+
+def _complete(out: str, items: list[_Item], fingerprint: str) -> dict[int, dict]:
+    """Records of this scan that are already complete (same fingerprint, same input version)."""
+    records_root = storage.join(out, "records")
+    if not storage.exists(records_root):
+        return {}
+    present = set(storage.find(records_root))
+    todo = [it for it in items if output_urls(out, it.stem)["record"] in present]
+
+    def read(it: _Item):
+        try:
+            rec = json.loads(storage.read_text(output_urls(out, it.stem)["record"]))
+        except (storage.StorageError, ValueError):
+            return it.index, None
+        ok = rec.get("fingerprint") == fingerprint and rec.get("version") == it.sample.version
+        return it.index, rec if ok else None
+
+    with ThreadPoolExecutor(16) as pool:
+        return {i: rec for i, rec in pool.map(read, todo) if rec is not None}
+
+
+def _read_stats(out: str, items: list[_Item]) -> dict[int, bytes | None]:
+    """Statistics of complete labelled images (None where they cannot be read: scan it again)."""
+    def read(it: _Item):
+        try:
+            return it.index, storage.read_bytes(output_urls(out, it.stem)["stats"])
+        except storage.StorageError:
+            return it.index, None
+
+    with ThreadPoolExecutor(16) as pool:
+        return dict(pool.map(read, items))
+
+
+def _pool_shape(options: ScanOptions, resources: dict) -> tuple[int, float, float]:
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    per_gpu = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
+    if per_gpu > gpus:
+        raise ValueError(f"--gpus-per-worker {per_gpu:g} but the cluster has {gpus:g} GPUs")
+    workers = options.workers or (int(gpus // per_gpu) if per_gpu else max(1, int(cpus // 4)))
+    per_cpu = options.cpus_per_worker or max(1.0, float(int(cpus // workers)))
+    return workers, per_gpu, per_cpu
+
+
+def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConfig(),
+         threshold: float | None = None, metrics_cfg: MetricsConfig = MetricsConfig(),
+         options: ScanOptions = ScanOptions(), telemetry=None,
+         progress: Callable[[int, int, str, str], None] | None = None,
+         on_error: Callable[[dict], None] | None = None) -> dict:
+    """Scan every image of ``source`` into ``out`` on Ray actors; returns the summary (also in
+    manifest.json) with ``exit_code``. ``progress(done, total, key, status)`` follows each image."""
+    import ray
+
+    from .raycluster import ensure_ray
+
+    t_start = time.time()
+    telemetry = telemetry or NullTelemetry()
+    card = read_card(model_url)
+    threshold = card.threshold if threshold is None else threshold
+    fingerprint = scan_fingerprint(card, cfg, threshold, metrics_cfg)
+    samples = list_samples(source)
+    if not samples:
+        raise FileNotFoundError(f"{source}: no images (PNG, TIFF, JPEG) found")
+    stems = output_stems([s.key for s in samples])
+    items = [_Item(i, s, stems[s.key]) for i, s in enumerate(samples)]
+    ledger = _Ledger(samples, options.shard_size, card.score_range, metrics_cfg, out)
+    storage.remove(storage.join(out, "_SUCCESS"))      # a reused OUT is not "finished" until this run is
+
+    complete = {} if options.force else _complete(out, items, fingerprint)
+    stats = _read_stats(out, [it for it in items if it.index in complete and it.sample.labelled])
+    complete = {i: rec for i, rec in complete.items() if stats.get(i, b"") is not None}
+    for i in complete:
+        ledger.done(i, "skipped", stats.get(i))
+        if progress:
+            progress(len(ledger.status), len(samples), samples[i].key, "skipped")
+    queue = deque(it for it in items if it.index not in complete)
+
+    resources = ensure_ray(options.address)
+    workers, gpus, cpus = _pool_shape(options, resources)
+    workers = min(workers, max(1, len(queue)))
+    telemetry.start({"run_id": fingerprint + "-" + hex(int(t_start))[2:], "model_fingerprint": card.fingerprint,
+                     "stride": cfg.stride, "precision": cfg.precision, "workers": workers, "threshold": threshold,
+                     "images_total": len(samples), "to_scan": len(queue), "skipped": len(complete)})
+    remote = ray.remote(ScanActor).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=options.depth,
+                                           max_restarts=0)
+    args = (model_url, cfg, threshold, out, fingerprint, metrics_cfg, int(cpus))
+
+    actors = [remote.remote(*args) for _ in range(workers if queue else 0)]
+    generation = [0] * len(actors)
+    busy = [0] * len(actors)
+    inflight: dict = {}
+    retried = 0
+    telemetry.actors(len(actors))
+
+    def fail(item: _Item, err: dict) -> None:
+        ledger.errors.append(err)
+        ledger.done(item.index, "error")
+        telemetry.failed(err["kind"])
+        if on_error:
+            on_error(err)
+        if progress:
+            progress(len(ledger.status), len(samples), item.sample.key, "error")
+
+    while queue or inflight:
+        for a in range(len(actors)):
+            while queue and busy[a] < options.depth:
+                item = queue.popleft()
+                inflight[actors[a].scan.remote(item.sample, item.stem)] = (a, generation[a], item)
+                busy[a] += 1
+        telemetry.in_flight(len(inflight))
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        for ref in ready:
+            a, gen, item = inflight.pop(ref)
+            if gen == generation[a]:
+                busy[a] -= 1
+            try:
+                res = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                if gen == generation[a]:           # replace a dead actor once, whatever it held
+                    ray.kill(actors[a], no_restart=True)
+                    actors[a], generation[a], busy[a] = remote.remote(*args), gen + 1, 0
+                item.attempts += 1
+                retried += 1
+                if item.attempts >= options.max_attempts:
+                    fail(item, {"key": item.sample.key, "url": item.sample.url, "kind": "worker_died",
+                                "reason": f"its worker died {item.attempts} times ({type(exc).__name__})"})
+                else:
+                    queue.appendleft(item)             # to the next free actor
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                kind = "storage" if isinstance(cause, storage.StorageError) else "internal"
+                fail(item, {"key": item.sample.key, "url": item.sample.url, "kind": kind,
+                            "reason": (str(cause).splitlines() or [type(cause).__name__])[0][:300]})
+                continue
+            if res["status"] == "error":
+                fail(item, res["error"])
+                continue
+            ledger.done(item.index, "ok", res["stats"], res["record"]["tiles"])
+            telemetry.image(res["record"])
+            if progress:
+                progress(len(ledger.status), len(samples), item.sample.key, "ok")
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    telemetry.actors(0)
+    telemetry.in_flight(0)
+
+    storage.write_text(storage.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in ledger.errors))
+    counts = {s: sum(1 for v in ledger.status.values() if v == s) for s in ("ok", "skipped", "error")}
+    summary = {"model": model_url, "model_fingerprint": card.fingerprint, "scan_fingerprint": fingerprint,
+               "source": source, "out": out, "images": len(samples), "scanned": counts["ok"],
+               "skipped": counts["skipped"], "failed": counts["error"], "retried": retried,
+               "tiles": ledger.tiles, "workers": workers, "gpus_per_worker": gpus, "cpus_per_worker": cpus,
+               "threshold": threshold, "stride": cfg.stride, "precision": cfg.precision,
+               "seconds": round(time.time() - t_start, 3)}
+    evaluation = ledger.evaluation()
+    if evaluation is not None and evaluation.images:
+        summary["metrics"] = evaluation.metrics()
+        storage.write_bytes(storage.join(out, "stats", "roc.npz"), evaluation.raw.to_bytes())
+        storage.write_bytes(storage.join(out, "stats", "roc_opened.npz"), evaluation.opened.to_bytes())
+        storage.write_text(storage.join(out, "metrics.json"), json.dumps(summary["metrics"], indent=2))
+    entries = [{"key": s.key, "stem": stems[s.key], "status": ledger.status.get(i, "missing")}
+               for i, s in enumerate(samples)]
+    storage.write_text(storage.join(out, "manifest.json"), json.dumps({**summary, "entries": entries}, indent=2))
+    storage.write_text(storage.join(out, "_SUCCESS"), "")
+    summary["exit_code"] = EXIT_PARTIAL if ledger.errors else EXIT_OK
+    telemetry.finish(summary, ok=True)
+    return summary
