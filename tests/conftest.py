@@ -52,3 +52,18 @@ def trained_model(ray_session, patches, tmp_path_factory):
     fit(patches, url, ModelConfig(), TrainConfig(epochs=2, batch_size=32, seed=0),
         RunConfig(storage=str(tmp_path_factory.mktemp("runs")), run_name="fixture"))
     return url
+
+
+@pytest.fixture(scope="session")
+def calibrated(trained_model, dataset, tmp_path_factory):
+    """The trained model with a threshold from the validation images: (model URL, threshold)."""
+    import shutil
+
+    from ray_inspect.calibrate import calibrate
+    from ray_inspect.config import InspectConfig
+
+    url = str(tmp_path_factory.mktemp("cal") / "model")
+    shutil.copytree(trained_model, url)
+    res = calibrate(url, dataset, min_area=30, cfg=InspectConfig(precision="float32"))
+    assert res["images"] == 4 and res["rule"] == "min_area"
+    return url, res["threshold"]

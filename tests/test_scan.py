@@ -20,15 +20,6 @@ from ray_inspect.report import write_report
 from ray_inspect.fleet import EXIT_PARTIAL, scan
 
 
-@pytest.fixture(scope="module")
-def calibrated(trained_model, dataset, tmp_path_factory):
-    url = str(tmp_path_factory.mktemp("cal") / "model")
-    shutil.copytree(trained_model, url)
-    res = calibrate(url, dataset, min_area=30, cfg=InspectConfig(precision="float32"))
-    assert res["images"] == 4 and res["rule"] == "min_area"
-    return url, res["threshold"]
-
-
 def test_calibration_thresholds_hold_on_validation_images(calibrated, dataset):
     url, t = calibrated
     model = load_model(url)

@@ -92,3 +92,17 @@ def test_min_area_rule_is_the_smallest_threshold():
     assert largest(below) >= area
     with pytest.raises(ValueError):
         threshold_for_min_area(maps, 0)
+
+
+def test_region_counter_matches_labelling_the_whole_mask():
+    from skimage.measure import label
+
+    from ray_inspect.segmentation import RegionCounter
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        m = rng.random((rng.integers(5, 60), rng.integers(3, 40))) < rng.uniform(0.05, 0.6)
+        counter, step = RegionCounter(), int(rng.integers(1, 8))
+        for s in range(0, len(m), step):
+            counter.add(m[s : s + step])
+        assert counter.count == label(m, connectivity=2).max(), trial

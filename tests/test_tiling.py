@@ -82,3 +82,24 @@ def test_vae_reconstructs_from_posterior_mean():
     vae = ConvVAE(ModelConfig(loss="vae")).eval()
     image = np.random.default_rng(3).random((140, 150)).astype(np.float32)
     assert np.abs(reconstruct(vae, image) - naive(vae, image, 30)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("h,w,band,batch", [(1000, 700, 97, 64), (700, 3000, 250, 64), (500, 300, 64, 16)])
+def test_bands_cover_their_rows_with_the_whole_images_batches(h, w, band, batch):
+    from ray_inspect.tiling import plan_bands
+
+    g = TileGrid(h, w, 128, 30)
+    whole = list(g.batches(batch))
+    bands = plan_bands(g, h, band, margin=4, radius=5, batch_size=batch)
+    assert [b.rows for b in bands] == [(s, min(h, s + band)) for s in range(0, h, band)]
+    for b in bands:
+        (o0, o1), (r0, r1), (c0, c1), (j0, j1), (i0, i1) = b.rows, b.residual_rows, b.recon_rows, b.grid_rows, b.input_rows
+        assert r0 == max(0, o0 - 4) and r1 == min(h, o1 + 4) and c0 == max(0, r0 - 5) and c1 == min(h, r1 + 5)
+        # every window touching the reconstruction rows is in the band, and it reads inside its input rows
+        touching = [j for j, y in enumerate(g.ys) if y < c1 and y + 128 > c0]
+        assert j0 <= min(touching) and max(touching) < j1
+        assert i0 == g.ys[j0] and i1 == g.ys[j1 - 1] + 128
+        # its batches are batches of the whole image (float32 results depend on batch composition)
+        nx = len(g.xs)
+        mine = list(g.batches(batch, (j0, j1)))
+        assert set(mine) <= set(whole) and sum(e - s for s, e in mine) == (j1 - j0) * nx
