@@ -3,17 +3,26 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= demo-output
-# The CPU build of torch is pinned and installed first, so nothing pulls a CUDA build.
-TORCH  := torch==2.13.0
+# torch is installed first (the CPU build, so nothing pulls a CUDA one), then the package; both are
+# pinned by constraints.txt alone, exactly as cluster/Dockerfile installs them.
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean prometheus-tools
 
 install: $(VENV)/.installed
+
+# Debian's Prometheus, Pushgateway and promtool for the monitoring tests; skipped when installed.
+# Tests start their own on 127.0.0.1, so the packaged services are not left running.
+prometheus-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v prometheus-pushgateway >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends \
+	    prometheus prometheus-pushgateway && \
+	  { systemctl disable --now prometheus prometheus-pushgateway >/dev/null 2>&1 || true; }; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -c constraints.txt torch
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
@@ -27,14 +36,18 @@ demo: install
 	$(RI) scan $(DEMO)/model $(DEMO)/data/plain $(DEMO)/scan
 	$(RI) report $(DEMO)/scan
 
-test: install
+test: install prometheus-tools
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install prometheus-tools
 	$(PY) -m pytest -q -m "not slow"
 
+# Speed and memory benchmarks (minutes each); docs/benchmarks.md records their figures.
 bench: install
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/scan_speed.py
+	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/metrics_overhead.py
+	$(PY) benchmarks/large_image.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -17,7 +17,7 @@ from ray_inspect.calibrate import calibrate
 from ray_inspect.config import InspectConfig, ModelConfig, PrepareConfig, SynthConfig, TrainConfig
 from ray_inspect.model import AlexNetFeatures
 from ray_inspect.patches import prepare
-from ray_inspect.scan import scan
+from ray_inspect.fleet import scan
 from ray_inspect.synth import generate
 from ray_inspect.raytrain import RunConfig, fit
 

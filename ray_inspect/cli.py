@@ -44,10 +44,23 @@ def _emit(data: dict, as_json: bool, text: str) -> None:
 @click.option("--s3-endpoint", envvar="RAY_INSPECT_S3_ENDPOINT", default=None, metavar="URL",
               help="Endpoint of an S3-compatible store (also RAY_INSPECT_S3_ENDPOINT); credentials come from "
                    "the AWS environment variables or profile, never from options.")
-def main(s3_endpoint: str | None) -> None:
+@click.option("--metrics-port", envvar="RAY_INSPECT_METRICS_PORT", default=0, show_default=True,
+              type=click.IntRange(0, 65535), help="Serve Prometheus metrics of scan/train on this port (0: off).")
+@click.option("--metrics-bind", envvar="RAY_INSPECT_METRICS_BIND", default="127.0.0.1", show_default=True,
+              help="Address the metrics port binds (0.0.0.0 in a pod, so Prometheus can scrape it).")
+@click.option("--pushgateway", envvar="RAY_INSPECT_PUSHGATEWAY", default=None, metavar="URL",
+              help="Push the outcome of a finished scan/train run to this Prometheus Pushgateway.")
+@click.option("--log-format", envvar="RAY_INSPECT_LOG_FORMAT", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="json: one JSON object per log line, with run id and image key.")
+@click.pass_context
+def main(ctx: click.Context, s3_endpoint: str | None, metrics_port: int, metrics_bind: str,
+         pushgateway: str | None, log_format: str) -> None:
     """Unsupervised defect segmentation of industrial images (SSIM autoencoder, Bergmann et al. 2019)."""
+    from .telemetry import configure
+
     if s3_endpoint:
         os.environ[ENDPOINT_ENV] = s3_endpoint  # read by storage and passed on to Ray workers
+    ctx.ensure_object(dict)["telemetry"] = configure(metrics_port, metrics_bind, pushgateway, log_format)
 
 
 @main.command()
@@ -133,15 +146,17 @@ def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, pr
     run = RunConfig(workers=workers, use_gpu=use_gpu, storage=storage, run_name=run_name,
                     checkpoint_every=checkpoint_every, max_failures=max_failures, address=address)
     resumed = []
+    tel = click.get_current_context().obj["telemetry"]
 
     def on_epoch(s):
         if s["resumed_from"] and s["resumed_from"] not in resumed:
             resumed.append(s["resumed_from"])
-            click.echo(f"resumed from epoch {s['resumed_from']} (last checkpoint)", err=True)
-        click.echo(f"epoch {s['epoch']:>4}/{epochs}  loss {s['loss']:.5f}  {s['patches_per_s']:.0f} patches/s"
-                   f"  ({s['workers']} worker{'s' if s['workers'] > 1 else ''})", err=True)
+            tel.say(f"resumed from epoch {s['resumed_from']} (last checkpoint)", resumed_from=s["resumed_from"])
+        tel.say(f"epoch {s['epoch']:>4}/{epochs}  loss {s['loss']:.5f}  {s['patches_per_s']:.0f} patches/s"
+                f"  ({s['workers']} worker{'s' if s['workers'] > 1 else ''})",
+                **{k: s[k] for k in ("epoch", "loss", "patches_per_s", "workers")})
 
-    card = fit(patches, model, mcfg, tcfg, run, alexnet_weights, on_epoch=on_epoch)
+    card = fit(patches, model, mcfg, tcfg, run, alexnet_weights, on_epoch=on_epoch, telemetry=tel.train())
     _emit({"model": model, "card": json.loads(card.to_json())}, as_json,
           f"{model}: {loss} model, final loss {card.training['final_loss']:.5f}")
 
@@ -182,28 +197,75 @@ def calibrate(model, images, min_area, fpr, stride, precision, batch_size, as_js
     _emit(res, as_json, f"{model}: threshold {res['threshold']:.5g} ({res['rule']}, {res['images']} images)")
 
 
+class _Progress:
+    """A progress bar whose length is known only once the scan has listed its source."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def __call__(self, done: int, total: int, key: str, status: str) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
 @main.command()
 @click.argument("model")
 @click.argument("source")
 @click.argument("out")
 @_with(inspect_options)
 @click.option("--threshold", type=float, default=None, help="Override the model card's threshold.")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Scan actors (default: one per GPU, else one per CPU).")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), default=None,
+              help="GPUs per actor (default: 1 when the cluster has GPUs, else 0).")
+@click.option("--cpus-per-worker", type=click.FloatRange(1), default=None,
+              help="CPUs per actor, also its threads (default: the cluster's CPUs shared by the actors).")
+@click.option("--region-pixels", type=click.IntRange(1), default=InspectConfig.region_pixels, show_default=True,
+              help="Images with more pixels are processed in bands of about this many (bounded memory).")
+@click.option("--force", is_flag=True, help="Redo images whose outputs are already complete.")
+@click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True)
-def scan(model, source, out, stride, precision, batch_size, threshold, as_json):
-    """Scan SOURCE (MVTec root or image prefix) with MODEL; write masks, residuals, metrics to OUT.
+@click.pass_context
+def scan(ctx, model, source, out, stride, precision, batch_size, threshold, workers, gpus_per_worker,
+         cpus_per_worker, region_pixels, force, address, as_json):
+    """Scan SOURCE (MVTec root, folder or s3:// prefix) with MODEL on Ray actors into OUT.
 
-    Exit status: 0 every image scanned, 3 finished with bad inputs (listed in OUT/errors.jsonl),
-    2 the scan could not run.
+    Rerunning the same command resumes: images whose outputs are complete for the same model and
+    settings are skipped. Exit status: 0 every image scanned, 3 finished with bad inputs (listed in
+    OUT/errors.jsonl), 2 the scan could not run.
     """
-    from .datasets import list_samples
-    from .report import SUMMARY_KEYS, summary_table
-    from .scan import scan as run
+    from dataclasses import replace
 
-    n = len(list_samples(source))
-    with click.progressbar(length=n, label="scan", file=sys.stderr) as bar:
-        summary = run(model, source, out, _inspect_cfg(stride, precision, batch_size), threshold,
-                      progress=lambda _k: bar.update(1),
-                      on_error=lambda e: click.echo(f"\nskipped {e['url']}: {e['reason']}", err=True))
+    from .fleet import ScanOptions
+    from .fleet import scan as run
+    from .report import SUMMARY_KEYS, summary_table
+
+    import logging
+
+    options = ScanOptions(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                          force=force, address=address)
+    cfg = replace(_inspect_cfg(stride, precision, batch_size), region_pixels=region_pixels)
+    tel = ctx.find_root().obj["telemetry"]
+    json_logs = tel.cfg.log_format == "json"
+    bar = None if json_logs else _Progress("scan")   # JSON logs: one record per bad input, no bar
+
+    def on_error(err):
+        if bar is not None:
+            click.echo("", err=True)
+        tel.say(f"skipped {err['url']}: {err['reason']}", level=logging.WARNING, key=err["key"], kind=err["kind"])
+
+    try:
+        summary = run(model, source, out, cfg, threshold, options=options, telemetry=tel.scan(),
+                      progress=bar, on_error=on_error)
+    finally:
+        if bar is not None:
+            bar.close()
     m = summary.get("metrics", {})
     rep = {**{k: m.get(k) for k in SUMMARY_KEYS}, "scan": summary}
     _emit(summary, as_json, summary_table(rep))

@@ -40,10 +40,11 @@ SCAN_FORMAT = 1          # bump when outputs of the same settings change
 class ScanOptions:
     """How the scan runs (not what it computes: none of these change an output)."""
 
-    workers: int | None = None            # actors; default one per GPU, else one per 4 CPUs
+    workers: int | None = None            # actors; default one per GPU, else one per CPU
     gpus_per_worker: float | None = None  # default 1 when the cluster has GPUs, else 0
     cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the actors
-    depth: int = 3                        # images in flight per actor (read, compute, write overlap)
+    depth: int | None = None              # images in flight per actor: 2 with a GPU (reads and writes
+                                          # overlap the device), else 1 (the CPUs are busy computing)
     max_attempts: int = 3                 # an image whose actor dies this often is recorded as lost
     shard_size: int = 256                 # images of the listing per statistics shard
     force: bool = False                   # redo images whose outputs are complete
@@ -194,14 +195,60 @@ def _read_stats(out: str, items: list[_Item]) -> dict[int, bytes | None]:
         return dict(pool.map(read, items))
 
 
-def _pool_shape(options: ScanOptions, resources: dict) -> tuple[int, float, float]:
+def _pool_shape(options: ScanOptions, resources: dict) -> tuple[int, float, float, int]:
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     per_gpu = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
     if per_gpu > gpus:
         raise ValueError(f"--gpus-per-worker {per_gpu:g} but the cluster has {gpus:g} GPUs")
-    workers = options.workers or (int(gpus // per_gpu) if per_gpu else max(1, int(cpus // 4)))
+    # Without GPUs, single-threaded actors: oneDNN's threads wait at every layer's barrier, so
+    # N one-thread actors scan faster than one N-thread actor (docs/benchmarks.md).
+    workers = options.workers or (int(gpus // per_gpu) if per_gpu else max(1, int(cpus)))
     per_cpu = options.cpus_per_worker or max(1.0, float(int(cpus // workers)))
-    return workers, per_gpu, per_cpu
+    return workers, per_gpu, per_cpu, options.depth or (2 if per_gpu else 1)
+
+
+class _Pool:
+    """Actors with at most ``depth`` images each. A dead actor is replaced at once and the images
+    it held come back as ``lost``, for the driver to hand to the next free actor."""
+
+    def __init__(self, remote, args: tuple, workers: int, depth: int):
+        import ray
+
+        self.ray, self.remote, self.args, self.depth = ray, remote, args, depth
+        self.actors = [remote.remote(*args) for _ in range(workers)]
+        self.generation = [0] * workers
+        self.busy = [0] * workers
+        self.inflight: dict = {}                                     # ref -> (actor, generation, item)
+
+    def fill(self, queue: deque) -> None:
+        for a, actor in enumerate(self.actors):
+            while queue and self.busy[a] < self.depth:
+                item = queue.popleft()
+                self.inflight[actor.scan.remote(item.sample, item.stem)] = (a, self.generation[a], item)
+                self.busy[a] += 1
+
+    def results(self, timeout: float = 1.0):
+        """Yield (item, "ok" | "lost" | "failed", value) for whatever finished within ``timeout``."""
+        ray = self.ray
+        ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
+        for ref in ready:
+            a, gen, item = self.inflight.pop(ref)
+            if gen == self.generation[a]:
+                self.busy[a] -= 1
+            try:
+                yield item, "ok", ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                if gen == self.generation[a]:                        # replace a dead actor once
+                    ray.kill(self.actors[a], no_restart=True)
+                    self.actors[a] = self.remote.remote(*self.args)
+                    self.generation[a], self.busy[a] = gen + 1, 0
+                yield item, "lost", exc
+            except ray.exceptions.RayTaskError as exc:
+                yield item, "failed", exc.cause if getattr(exc, "cause", None) is not None else exc
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
 
 
 def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConfig(),
@@ -217,6 +264,7 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
 
     t_start = time.time()
     telemetry = telemetry or NullTelemetry()
+    model_url, source, out = (storage.absolute(u) for u in (model_url, source, out))
     card = read_card(model_url)
     threshold = card.threshold if threshold is None else threshold
     fingerprint = scan_fingerprint(card, cfg, threshold, metrics_cfg)
@@ -238,93 +286,78 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
     queue = deque(it for it in items if it.index not in complete)
 
     resources = ensure_ray(options.address)
-    workers, gpus, cpus = _pool_shape(options, resources)
+    workers, gpus, cpus, depth = _pool_shape(options, resources)
     workers = min(workers, max(1, len(queue)))
     telemetry.start({"run_id": fingerprint + "-" + hex(int(t_start))[2:], "model_fingerprint": card.fingerprint,
                      "stride": cfg.stride, "precision": cfg.precision, "workers": workers, "threshold": threshold,
                      "images_total": len(samples), "to_scan": len(queue), "skipped": len(complete)})
-    remote = ray.remote(ScanActor).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=options.depth,
-                                           max_restarts=0)
-    args = (model_url, cfg, threshold, out, fingerprint, metrics_cfg, int(cpus))
+    try:
+        remote = ray.remote(ScanActor).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=depth,
+                                               max_restarts=0)
+        pool = _Pool(remote, (model_url, cfg, threshold, out, fingerprint, metrics_cfg, int(cpus)),
+                     workers if queue else 0, depth)
+        telemetry.actors(len(pool.actors))
+        retried = 0
 
-    actors = [remote.remote(*args) for _ in range(workers if queue else 0)]
-    generation = [0] * len(actors)
-    busy = [0] * len(actors)
-    inflight: dict = {}
-    retried = 0
-    telemetry.actors(len(actors))
-
-    def fail(item: _Item, err: dict) -> None:
-        ledger.errors.append(err)
-        ledger.done(item.index, "error")
-        telemetry.failed(err["kind"])
-        if on_error:
-            on_error(err)
-        if progress:
-            progress(len(ledger.status), len(samples), item.sample.key, "error")
-
-    while queue or inflight:
-        for a in range(len(actors)):
-            while queue and busy[a] < options.depth:
-                item = queue.popleft()
-                inflight[actors[a].scan.remote(item.sample, item.stem)] = (a, generation[a], item)
-                busy[a] += 1
-        telemetry.in_flight(len(inflight))
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-        for ref in ready:
-            a, gen, item = inflight.pop(ref)
-            if gen == generation[a]:
-                busy[a] -= 1
-            try:
-                res = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
-                if gen == generation[a]:           # replace a dead actor once, whatever it held
-                    ray.kill(actors[a], no_restart=True)
-                    actors[a], generation[a], busy[a] = remote.remote(*args), gen + 1, 0
-                item.attempts += 1
-                retried += 1
-                if item.attempts >= options.max_attempts:
-                    fail(item, {"key": item.sample.key, "url": item.sample.url, "kind": "worker_died",
-                                "reason": f"its worker died {item.attempts} times ({type(exc).__name__})"})
-                else:
-                    queue.appendleft(item)             # to the next free actor
-                continue
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                kind = "storage" if isinstance(cause, storage.StorageError) else "internal"
-                fail(item, {"key": item.sample.key, "url": item.sample.url, "kind": kind,
-                            "reason": (str(cause).splitlines() or [type(cause).__name__])[0][:300]})
-                continue
-            if res["status"] == "error":
-                fail(item, res["error"])
-                continue
-            ledger.done(item.index, "ok", res["stats"], res["record"]["tiles"])
-            telemetry.image(res["record"])
+        def fail(item: _Item, kind: str, reason: str, url: str | None = None) -> None:
+            err = {"key": item.sample.key, "url": url or item.sample.url, "reason": reason, "kind": kind}
+            ledger.errors.append(err)
+            ledger.done(item.index, "error")
+            telemetry.failed(kind)
+            if on_error:
+                on_error(err)
             if progress:
-                progress(len(ledger.status), len(samples), item.sample.key, "ok")
-    for actor in actors:
-        ray.kill(actor, no_restart=True)
-    telemetry.actors(0)
-    telemetry.in_flight(0)
+                progress(len(ledger.status), len(samples), item.sample.key, "error")
 
-    storage.write_text(storage.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in ledger.errors))
-    counts = {s: sum(1 for v in ledger.status.values() if v == s) for s in ("ok", "skipped", "error")}
-    summary = {"model": model_url, "model_fingerprint": card.fingerprint, "scan_fingerprint": fingerprint,
-               "source": source, "out": out, "images": len(samples), "scanned": counts["ok"],
-               "skipped": counts["skipped"], "failed": counts["error"], "retried": retried,
-               "tiles": ledger.tiles, "workers": workers, "gpus_per_worker": gpus, "cpus_per_worker": cpus,
-               "threshold": threshold, "stride": cfg.stride, "precision": cfg.precision,
-               "seconds": round(time.time() - t_start, 3)}
-    evaluation = ledger.evaluation()
-    if evaluation is not None and evaluation.images:
-        summary["metrics"] = evaluation.metrics()
-        storage.write_bytes(storage.join(out, "stats", "roc.npz"), evaluation.raw.to_bytes())
-        storage.write_bytes(storage.join(out, "stats", "roc_opened.npz"), evaluation.opened.to_bytes())
-        storage.write_text(storage.join(out, "metrics.json"), json.dumps(summary["metrics"], indent=2))
-    entries = [{"key": s.key, "stem": stems[s.key], "status": ledger.status.get(i, "missing")}
-               for i, s in enumerate(samples)]
-    storage.write_text(storage.join(out, "manifest.json"), json.dumps({**summary, "entries": entries}, indent=2))
-    storage.write_text(storage.join(out, "_SUCCESS"), "")
-    summary["exit_code"] = EXIT_PARTIAL if ledger.errors else EXIT_OK
+        while queue or pool.inflight:
+            pool.fill(queue)
+            telemetry.in_flight(len(pool.inflight))
+            for item, outcome, value in pool.results():
+                if outcome == "lost":                                # its actor died: try another
+                    item.attempts += 1
+                    retried += 1
+                    if item.attempts < options.max_attempts:
+                        queue.appendleft(item)
+                    else:
+                        fail(item, "worker_died", f"its worker died {item.attempts} times ({type(value).__name__})")
+                elif outcome == "failed":
+                    kind = "storage" if isinstance(value, storage.StorageError) else "internal"
+                    fail(item, kind, (str(value).splitlines() or [type(value).__name__])[0][:300])
+                elif value["status"] == "error":
+                    e = value["error"]
+                    fail(item, e["kind"], e["reason"], e["url"])
+                else:
+                    ledger.done(item.index, "ok", value["stats"], value["record"]["tiles"])
+                    telemetry.image(value["record"])
+                    if progress:
+                        progress(len(ledger.status), len(samples), item.sample.key, "ok")
+        pool.close()
+        telemetry.actors(0)
+        telemetry.in_flight(0)
+
+        storage.write_text(storage.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in ledger.errors))
+        counts = {s: sum(1 for v in ledger.status.values() if v == s) for s in ("ok", "skipped", "error")}
+        summary = {"model": model_url, "model_fingerprint": card.fingerprint, "scan_fingerprint": fingerprint,
+                   "source": source, "out": out, "images": len(samples), "scanned": counts["ok"],
+                   "skipped": counts["skipped"], "failed": counts["error"], "retried": retried,
+                   "tiles": ledger.tiles, "workers": workers, "gpus_per_worker": gpus, "cpus_per_worker": cpus,
+                   "depth": depth,
+                   "threshold": threshold, "stride": cfg.stride, "precision": cfg.precision,
+                   "seconds": round(time.time() - t_start, 3)}
+        evaluation = ledger.evaluation()
+        if evaluation is not None and evaluation.images:
+            summary["metrics"] = evaluation.metrics()
+            storage.write_bytes(storage.join(out, "stats", "roc.npz"), evaluation.raw.to_bytes())
+            storage.write_bytes(storage.join(out, "stats", "roc_opened.npz"), evaluation.opened.to_bytes())
+            storage.write_text(storage.join(out, "metrics.json"), json.dumps(summary["metrics"], indent=2))
+        entries = [{"key": s.key, "stem": stems[s.key], "status": ledger.status.get(i, "missing")}
+                   for i, s in enumerate(samples)]
+        storage.write_text(storage.join(out, "manifest.json"), json.dumps({**summary, "entries": entries}, indent=2))
+        storage.write_text(storage.join(out, "_SUCCESS"), "")
+        summary["exit_code"] = EXIT_PARTIAL if ledger.errors else EXIT_OK
+    except BaseException:
+        telemetry.finish({"images": len(samples), "scanned": sum(1 for v in ledger.status.values() if v == "ok"),
+                          "failed": len(ledger.errors), "seconds": round(time.time() - t_start, 3)}, ok=False)
+        raise
     telemetry.finish(summary, ok=True)
     return summary

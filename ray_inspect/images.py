@@ -14,6 +14,8 @@ from skimage.transform import resize as sk_resize
 from . import storage
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+# Line-scan and wafer images exceed Pillow's default bomb guard (179 Mpx); keep a guard, higher.
+Image.MAX_IMAGE_PIXELS = int(os.environ.get("RAY_INSPECT_MAX_IMAGE_PIXELS", 1 << 30))
 
 
 class InputError(ValueError):

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import posixpath
+import resource
 import tempfile
 import time
 from collections import Counter
@@ -142,6 +143,7 @@ def scan_image(inspector: Inspector, sample: Sample, stem: str, out: str, finger
         "fingerprint": fingerprint, "defect_type": sample.defect_type, "mask_url": sample.mask_url,
         "score": acc.score, "height": h, "width": w, "tiles": acc.tiles, "bands": acc.bands,
         "threshold": inspector.threshold, "bytes_read": img.nbytes,
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,   # the process's peak so far
     }
     if acc.evaluation is not None:
         record["score_opened"] = acc.score_opened

@@ -25,6 +25,7 @@ from .config import ModelConfig, TrainConfig, from_dict
 from .model import AlexNetFeatures, build_model
 from .patches import open_patches
 from .raycluster import ensure_ray
+from .telemetry import TrainTelemetry
 from .train import PatchBatches, build, make_card, train_epoch
 
 STATE = "state.pt"
@@ -63,10 +64,6 @@ def _storage_fs(url: str):
                            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5)) if endpoint else \
         pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5))
     return url.split("://", 1)[1].rstrip("/"), fs
-
-
-def _absolute(url: str) -> str:
-    return os.path.abspath(storage.local_path(url)) if storage.is_local(url) else url
 
 
 def _steps_per_epoch(batches: PatchBatches, epoch: int) -> int:
@@ -131,6 +128,7 @@ def train_loop(config: dict) -> None:
                    "resumed_from": start, "ranks_in_sync": bool(lo == hi), "param_digest": float(digest)}
         last = epoch + 1 == train_cfg.epochs
         if (epoch + 1) % every == 0 or last:
+            t_ckpt = time.time()
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
@@ -138,6 +136,7 @@ def train_loop(config: dict) -> None:
                                 "rng": torch.get_rng_state(), "metrics": metrics}, os.path.join(d, STATE))
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:05d}")
+            metrics = {**metrics, "checkpoint_seconds": time.time() - t_ckpt}   # write and persist, for telemetry
         else:
             ray.train.report(metrics)
         if rank == 0 and config.get("progress") is not None:
@@ -146,15 +145,45 @@ def train_loop(config: dict) -> None:
 
 def fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig = TrainConfig(),
         run: RunConfig = RunConfig(), alexnet_weights: str | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> ModelCard:
-    """Train on Ray Train (a local Ray when no cluster is given) and write the model directory."""
+        on_epoch: Callable[[dict], None] | None = None, telemetry: TrainTelemetry | None = None) -> ModelCard:
+    """Train on Ray Train (a local Ray when no cluster is given) and write the model directory.
+
+    ``telemetry`` records the run for Prometheus (start, every epoch, outcome); failures count too.
+    """
+    tel = telemetry or TrainTelemetry.disabled()
+    tel.start({"loss": model_cfg.loss, "latent": model_cfg.latent, "channels": model_cfg.channels,
+               "precision": train_cfg.precision, "batch_size": train_cfg.batch_size, "epochs": train_cfg.epochs,
+               "workers": run.workers, "run_name": run.run_name or ""})
+    if tel.enabled:
+        on_epoch = _tee(on_epoch, tel.epoch)
+    try:
+        card = _fit(patches_url, model_url, model_cfg, train_cfg, run, alexnet_weights, on_epoch)
+    except BaseException:
+        tel.finish({}, ok=False)
+        raise
+    tel.finish({"run_name": card.training["run_name"], "final_loss": card.training.get("final_loss"),
+                "epochs_run": card.training["epochs_run"], "model_fingerprint": card.fingerprint}, ok=True)
+    return card
+
+
+def _tee(*callbacks: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    calls = [c for c in callbacks if c is not None]
+
+    def both(stats: dict) -> None:
+        for c in calls:
+            c(stats)
+    return both
+
+
+def _fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig,
+         alexnet_weights: str | None, on_epoch: Callable[[dict], None] | None) -> ModelCard:
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
     # Ray Train workers run in their own working directory: hand them absolute local paths.
-    patches_url, alexnet_weights = _absolute(patches_url), alexnet_weights and _absolute(alexnet_weights)
+    patches_url, alexnet_weights = storage.absolute(patches_url), alexnet_weights and storage.absolute(alexnet_weights)
     if model_cfg.loss == "fm":
         AlexNetFeatures.from_file(alexnet_weights or "")  # a bad weights file fails here, not in every worker
     arr = open_patches(patches_url)

@@ -65,6 +65,11 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def absolute(url: str) -> str:
+    """Local paths made absolute (Ray workers run in other directories); other URLs unchanged."""
+    return os.path.abspath(local_path(url)) if is_local(url) else url
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL (keeps the scheme)."""
     base = url.rstrip("/")

@@ -156,7 +156,7 @@ def test_killed_actor_images_retried_and_counted_once(ray_session, calibrated, a
     t = threading.Thread(target=killer)
     t.start()
     rec = Recorder()
-    summary = scan(calibrated[0], archive, str(out), CFG, options=ScanOptions(workers=2), telemetry=rec)
+    summary = scan(calibrated[0], archive, str(out), CFG, options=ScanOptions(workers=2, depth=2), telemetry=rec)
     t.join()
     assert killed and summary["retried"] >= 1                 # the actor held images when it died
     assert summary["scanned"] == 40 and summary["failed"] == 0 and summary["exit_code"] == EXIT_OK
@@ -210,8 +210,9 @@ def test_rerun_skips_force_redoes_and_changed_settings_or_inputs_rescan(ray_sess
 
 
 def test_pool_shape_defaults_and_gpu_check():
-    assert _pool_shape(ScanOptions(), {"CPU": 2}) == (1, 0.0, 2.0)
-    assert _pool_shape(ScanOptions(), {"CPU": 16, "GPU": 4}) == (4, 1.0, 4.0)
-    assert _pool_shape(ScanOptions(workers=2), {"CPU": 2}) == (2, 0.0, 1.0)
+    assert _pool_shape(ScanOptions(), {"CPU": 2}) == (2, 0.0, 1.0, 1)
+    assert _pool_shape(ScanOptions(workers=1), {"CPU": 2}) == (1, 0.0, 2.0, 1)
+    assert _pool_shape(ScanOptions(), {"CPU": 16, "GPU": 4}) == (4, 1.0, 4.0, 2)
+    assert _pool_shape(ScanOptions(workers=2, depth=3), {"CPU": 2}) == (2, 0.0, 1.0, 3)
     with pytest.raises(ValueError, match="GPUs"):
         _pool_shape(ScanOptions(gpus_per_worker=1), {"CPU": 2})

@@ -3,8 +3,8 @@
 import subprocess
 import sys
 
-CORE = ["model", "ssim", "tiling", "inference", "segmentation", "metrics", "train", "pipeline", "scan",
-        "patches", "calibrate", "report", "synth"]
+CORE = ["model", "ssim", "tiling", "inference", "segmentation", "metrics", "train", "pipeline", "imagescan",
+        "evaluation", "patches", "calibrate", "report", "synth"]
 
 
 def test_core_imports_neither_ray_nor_click():

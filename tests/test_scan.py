@@ -57,8 +57,19 @@ def bad_corpus(root):
     buf = io.BytesIO()
     Image.fromarray(np.full((60, 40), 128, np.uint8)).save(buf, format="PNG")
     (root / "test" / "good" / "small.png").write_bytes(buf.getvalue())   # smaller than a window: padded, fine
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 300), 128, np.uint8)).save(buf, format="PNG")
+    (root / "test" / "good" / "sliver.png").write_bytes(buf.getvalue())  # thinner than the SSIM window
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((200, 200, 5), np.uint8), photometric="minisblack", planarconfig="contig")
+    (root / "test" / "good" / "five.tiff").write_bytes(buf.getvalue())   # five channels
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.ones((200, 200), np.complex64))
+    (root / "test" / "good" / "complex.tiff").write_bytes(buf.getvalue())
+    (root / "test" / "good" / "dir.png").mkdir()                          # a folder named like an image
     return {"zero.png": "empty", "text.png": "not an image", "truncated.png": "corrupt",
-            "nomask.png": "no such file", "badmask.png": "mask is 10x10", "nan.tiff": "NaN"}
+            "nomask.png": "no such file", "badmask.png": "mask is 10x10", "nan.tiff": "NaN",
+            "sliver.png": "too small", "five.tiff": "unsupported image shape", "complex.tiff": "unsupported pixel type"}
 
 
 def test_scan_records_bad_inputs_and_goes_on(ray_session, calibrated, dataset, tmp_path):

@@ -46,10 +46,11 @@ def naive_opening(m, fp):
 
 def test_cropped_binary_path_equals_grey_path():
     rng = np.random.default_rng(5)
-    for _ in range(5):
+    for _ in range(20):
         r = rng.random((120, 100)).astype(np.float32) * 0.5
-        y, x = rng.integers(0, 110), rng.integers(0, 90)
-        r[y:y + rng.integers(2, 12), x:x + rng.integers(2, 12)] += 0.6   # blobs, some at the border
+        for _ in range(6):                                                 # blobs, some touching or at the border
+            y, x = rng.integers(0, 115), rng.integers(0, 95)
+            r[y:y + rng.integers(2, 14), x:x + rng.integers(2, 14)] += 0.6
         r[rng.integers(0, 120, 30), rng.integers(0, 100, 30)] = 0.9       # isolated pixels
         for t in (0.45, 0.7, 1.5):
             np.testing.assert_array_equal(segment(r, t, 4), segment(r, t, 4, open_residual(r, 4)))

@@ -1,0 +1,74 @@
+"""Peak actor memory and rate for one very large image (default 16,384 x 16,384, 8-bit gray).
+
+The image is a procedural plain weave tiled to size with a few defects, written as a PNG; a
+He-initialised SSIM-AE (no resize, so the image is scanned at native resolution) scans it on one Ray
+actor with the default ``region_pixels``. The record's ``max_rss_bytes`` is the actor process's
+peak resident memory. Prints a JSON object for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import date
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ray_inspect.artifact import ModelCard, save_model
+from ray_inspect.config import InspectConfig, ModelConfig, SynthConfig
+from ray_inspect.fleet import ScanOptions, scan
+from ray_inspect.images import read_image
+from ray_inspect.model import ConvAE
+from ray_inspect.synth import generate
+
+
+def big_image(work: str, side: int) -> str:
+    generate(os.path.join(work, "tex"), SynthConfig(size=512, train=1, test_defective=0, test_good=0, validation=0))
+    tile = (read_image(os.path.join(work, "tex", "train", "good", "000.png")) * 255).astype(np.uint8)
+    img = np.tile(tile, (side // 512 + 1, side // 512 + 1))[:side, :side]
+    rng = np.random.default_rng(0)
+    for _ in range(20):                                   # scratches and stains
+        y, x = rng.integers(0, side - 200, 2)
+        img[y : y + 150, x : x + 6] = 20
+        img[y + 50 : y + 90, x + 60 : x + 100] = 230
+    path = os.path.join(work, "archive", "big.png")
+    os.makedirs(os.path.dirname(path))
+    Image.fromarray(img).save(path, compress_level=1)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--side", type=int, default=16_384)
+    ap.add_argument("--region-pixels", type=int, default=InspectConfig.region_pixels)
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="ri-large-")
+    path = big_image(work, a.side)
+    torch.manual_seed(0)
+    url = os.path.join(work, "model")
+    save_model(url, ConvAE(ModelConfig()), ModelCard(model=ModelConfig(), resize=None, threshold=0.6))
+    cfg = InspectConfig(region_pixels=a.region_pixels)
+    t0 = time.perf_counter()
+    summary = scan(url, os.path.dirname(path), os.path.join(work, "out"), cfg,
+                   options=ScanOptions(workers=1, cpus_per_worker=os.cpu_count()))
+    wall = time.perf_counter() - t0
+    rec = json.load(open(os.path.join(work, "out", "records", "big.json")))
+    print(json.dumps({
+        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}", "image": f"{a.side}x{a.side} 8-bit gray PNG", "png_bytes": os.path.getsize(path),
+        "region_pixels": a.region_pixels, "bands": rec["bands"], "tiles": rec["tiles"],
+        "actor_peak_rss_gib": round(rec["max_rss_bytes"] / 2**30, 3), "exit_code": summary["exit_code"],
+        "scan_wall_s": round(wall, 1), "timings_s": rec["timings"], "flagged_pixels": rec.get("flagged_pixels"),
+        "regions": rec.get("regions"), "megapixels_per_s": round(a.side * a.side / 1e6 / wall, 3),
+        "residual_tiff_bytes": os.path.getsize(os.path.join(work, "out", "residuals", "big.tiff")),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
