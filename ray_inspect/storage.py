@@ -127,24 +127,28 @@ def read_bytes(url: str) -> bytes:
     return fs.cat_file(path)
 
 
+def _replace_locally(path: str, fill) -> None:
+    """Write a temporary sibling with ``fill(file)``, flush it to disk, then rename it into place."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 @_storage_call("write")
 def write_bytes(url: str, data: bytes) -> None:
     """Atomic write: a temporary sibling renamed into place locally, one PUT on object storage."""
     if is_local(url):
-        path = local_path(url)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        _replace_locally(local_path(url), lambda f: f.write(data))
         return
     fs, path = get_fs(url)
     fs.pipe_file(path, data)  # S3 PutObject is all-or-nothing
@@ -154,19 +158,10 @@ def write_bytes(url: str, data: bytes) -> None:
 def put_file(url: str, local: str) -> None:
     """Atomic upload of a local file (for outputs too large to hold in memory)."""
     if is_local(url):
-        path = local_path(url)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{unique_suffix()}"
-        try:
-            shutil.copyfile(local, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        def copy(f):
+            with open(local, "rb") as src:
+                shutil.copyfileobj(src, f, 16 << 20)
+        _replace_locally(local_path(url), copy)
         return
     fs, path = get_fs(url)
     fs.put_file(local, path)  # a single or multipart upload: visible only once complete

@@ -119,15 +119,24 @@ def prometheus_server(jobs: dict[str, list[str]], interval: str = "1s", honor_la
     log_path = os.path.join(root, "prometheus.log")
     cmd = [binary("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={os.path.join(root, 'tsdb')}",
            f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"]
+    with _serve(cmd, root, port, log_path, timeout, "prometheus", 10.0) as url:
+        yield Prometheus(url)
+
+
+@contextlib.contextmanager
+def _serve(cmd: list[str], root: str, port: int, log_path: str, timeout: float, name: str,
+           grace: float) -> Iterator[str]:
+    """Start a server (its output to ``log_path``), wait until /-/ready answers; on exit stop it
+    and remove its folder ``root``."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=root,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, f"{url}/-/ready", timeout, log_path, "prometheus")
-        yield Prometheus(url)
+        _wait_ready(proc, f"{url}/-/ready", timeout, log_path, name)
+        yield url
     finally:
-        _stop(proc, 10.0)
+        _stop(proc, grace)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -139,16 +148,8 @@ def pushgateway_server(timeout: float = 30.0) -> Iterator[str]:
     log_path = os.path.join(root, "pushgateway.log")
     cmd = [binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}",
            f"--persistence.file={os.path.join(root, 'pushgateway.data')}"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(proc, f"{url}/-/ready", timeout, log_path, "pushgateway")
+    with _serve(cmd, root, port, log_path, timeout, "pushgateway", 5.0) as url:
         yield url
-    finally:
-        _stop(proc, 5.0)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def scrape(url: str) -> str:
