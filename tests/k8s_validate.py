@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import os
 import re
 import shlex
@@ -44,15 +45,25 @@ def load_documents(text: str) -> list[dict]:
     return [d for d in yaml.load_all(text, Loader=_Loader) if d]
 
 
-def kuberay_schema_dir() -> Path:
-    """shared/schemas/kuberay next to (CI) or inside the checkout; RAY_INSPECT_KUBERAY_SCHEMAS overrides."""
-    candidates = [os.environ.get("RAY_INSPECT_KUBERAY_SCHEMAS", ""), REPO / "shared/schemas/kuberay",
-                  REPO.parent / "shared/schemas/kuberay"]
-    for c in candidates:
-        if c and (Path(c) / KUBERAY_KINDS["RayJob"]).is_file():
-            return Path(c)
-    raise FileNotFoundError("KubeRay CRD schemas not found (shared/schemas/kuberay); "
-                            "set RAY_INSPECT_KUBERAY_SCHEMAS")
+VENDORED = Path(__file__).parent / "schemas" / "kuberay"
+
+
+def shared_schema_dir() -> Path | None:
+    """shared/schemas/kuberay inside or beside the checkout (the workplace's copy), if present."""
+    for c in (REPO / "shared/schemas/kuberay", REPO.parent / "shared/schemas/kuberay"):
+        if (c / KUBERAY_KINDS["RayJob"]).is_file():
+            return c
+    return None
+
+
+def kuberay_crd_text(kind: str) -> str:
+    """A KubeRay CRD: RAY_INSPECT_KUBERAY_SCHEMAS, else the shared copy, else the vendored one."""
+    name = KUBERAY_KINDS[kind]
+    override = os.environ.get("RAY_INSPECT_KUBERAY_SCHEMAS")
+    for d in (Path(override) if override else None, shared_schema_dir()):
+        if d is not None and (d / name).is_file():
+            return (d / name).read_text()
+    return gzip.decompress((VENDORED / (name + ".gz")).read_bytes()).decode()
 
 
 def make_strict(schema: dict) -> dict:
@@ -83,7 +94,7 @@ def make_strict(schema: dict) -> dict:
 @functools.lru_cache(maxsize=None)
 def crd_validator(kind: str) -> jsonschema.protocols.Validator:
     """Strict validator for the served storage version (v1) of a KubeRay CRD."""
-    crd = yaml.load((kuberay_schema_dir() / KUBERAY_KINDS[kind]).read_text(), Loader=_Loader)
+    crd = yaml.load(kuberay_crd_text(kind), Loader=_Loader)
     assert crd["spec"]["names"]["kind"] == kind
     version = next(v for v in crd["spec"]["versions"] if v.get("served") and v.get("storage"))
     assert version["name"] == "v1", version["name"]

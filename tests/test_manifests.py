@@ -144,3 +144,14 @@ def test_monitoring_structure_checks_fail():
             "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "record": "r", "expr": "1"}]}]}}
     with pytest.raises(kv.ManifestError, match="spec/groups/0/rules/0"):
         kv.validate([rule])
+
+
+def test_vendored_kuberay_schemas_match_the_shared_copy():
+    """The copies a fresh clone validates with are the schemas handed to the project."""
+    import gzip
+
+    shared = kv.shared_schema_dir()
+    if shared is None:
+        pytest.skip("no shared/schemas/kuberay beside this checkout (a fresh clone uses the vendored copy)")
+    for name in kv.KUBERAY_KINDS.values():
+        assert gzip.decompress((kv.VENDORED / (name + ".gz")).read_bytes()) == (shared / name).read_bytes(), name
