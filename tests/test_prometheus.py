@@ -110,7 +110,9 @@ def test_real_prometheus_scrapes_train_and_scan(patches, dataset, tmp_path, requ
             env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         assert secret not in res.stdout + res.stderr
-        logs = [json.loads(ln) for ln in res.stderr.splitlines() if ln.startswith('{"time"')]
+        # A JSON record is one write; Ray's forwarded worker lines are not (print writes the text,
+        # then the newline), so a record may follow a worker line's text on the same line.
+        logs = [json.loads(ln[ln.index('{"time"'):]) for ln in res.stderr.splitlines() if '{"time"' in ln]
         epochs = [r for r in logs if r["message"].startswith("epoch ")]
         assert [r["epoch"] for r in epochs] == [1, 2]
         assert logs[0]["message"] == f"metrics on http://127.0.0.1:{train_port}/metrics"   # before the run
