@@ -4,8 +4,8 @@
    the threads of one actor);
 2. end-to-end ``scan`` on Ray actors (1 actor with all CPUs, then as many actors as CPUs) of a local
    archive of 1024x1024 PNGs: list, read, tile, model, average, SSIM, threshold, opening, write;
-   the steady rate runs from the first finished image to the last (actor start-up excluded), the
-   wall rate includes everything;
+   the steady rate runs, per actor, from its first finished image to its last (actor start-up
+   excluded; records carry the worker and the time), the wall rate includes everything;
 3. a naive loop: one tile at a time in float32, averaging in Python, skimage's SSIM.
 Prints a JSON object; docs/benchmarks.md records the figures with machine and date.
 """
@@ -95,17 +95,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precision", default="bfloat16")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--depth", type=int, default=None, help="images in flight per actor (default: the scan's)")
+    ap.add_argument("--depth", type=int, default=None, help="images queued per actor (default: the scan's)")
     ap.add_argument("--model", default=None, help="a trained model directory (default: He-initialised)")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="ri-bench-")
     generate(os.path.join(work, "data"), SynthConfig(size=1024, train=0, validation=0, test_good=a.images,
                                                      test_defective=0))
     src = os.path.join(work, "data", "test", "good")
-    small = os.path.join(work, "small")                   # the first quarter: start-up cancels out
-    os.makedirs(small)
-    for name in sorted(os.listdir(src))[: a.images // 4]:
-        os.symlink(os.path.join(src, name), os.path.join(small, name))
     torch.manual_seed(0)
     if a.model:
         model = load_model(a.model)
@@ -124,17 +120,19 @@ def main() -> None:
     tiles = tiles_for(1024, 1024)
 
     def run_scan(out: str, workers: int) -> dict:
-        """Rate from two scans (all images, a quarter of them): actor start-up and listing cancel."""
-        walls, counts = [], []
-        for source in (small, src):
-            t0 = time.perf_counter()
-            summary = scan(url, source, out, cfg, options=ScanOptions(workers=workers, depth=a.depth, force=True))
-            walls.append(time.perf_counter() - t0)
-            counts.append(summary["scanned"])
-        rate = (counts[1] - counts[0]) / (walls[1] - walls[0])
-        return {"images": counts[1], "wall_s": round(walls[1], 3), "tiles_per_s": round(rate * tiles, 1),
-                "megapixels_per_s": round(rate * 1024 * 1024 / 1e6, 3),
-                "wall_tiles_per_s": round(counts[1] * tiles / walls[1], 1)}
+        """Steady rate: per actor, images after its first over the time from its first record to
+        its last (actor start-up, model loading and the listing excluded); summed over actors."""
+        t0 = time.perf_counter()
+        summary = scan(url, src, out, cfg, options=ScanOptions(workers=workers, depth=a.depth, force=True))
+        wall = time.perf_counter() - t0
+        done: dict[str, list[float]] = {}
+        for name in os.listdir(os.path.join(out, "records")):
+            rec = json.load(open(os.path.join(out, "records", name)))
+            done.setdefault(rec["worker"], []).append(rec["finished"])
+        rate = sum((len(t) - 1) / (max(t) - min(t)) for t in done.values() if len(t) > 1)
+        return {"images": summary["scanned"], "actors": len(done), "wall_s": round(wall, 3),
+                "tiles_per_s": round(rate * tiles, 1), "megapixels_per_s": round(rate * 1024 * 1024 / 1e6, 3),
+                "wall_tiles_per_s": round(summary["scanned"] * tiles / wall, 1)}
 
     run_scan(os.path.join(work, "warm"), 1)               # warm-up (page cache, allocator, Ray workers)
     rounds = []

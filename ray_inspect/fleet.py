@@ -43,8 +43,12 @@ class ScanOptions:
     workers: int | None = None            # actors; default one per GPU, else one per CPU
     gpus_per_worker: float | None = None  # default 1 when the cluster has GPUs, else 0
     cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the actors
-    depth: int | None = None              # images in flight per actor: 2 with a GPU (reads and writes
-                                          # overlap the device), else 1 (the CPUs are busy computing)
+    depth: int | None = None              # images sent to an actor at once, default 3 on a GPU, 2 on CPUs:
+                                          # the next image waits in the actor's queue, so no round trip
+                                          # to the driver separates two images
+    concurrency: int | None = None        # images an actor works on at once: default 2 on a GPU (one
+                                          # reads and writes while the other computes), 1 on CPUs (the
+                                          # cores are busy computing; a second image only competes)
     max_attempts: int = 3                 # an image whose actor dies this often is recorded as lost
     shard_size: int = 256                 # images of the listing per statistics shard
     force: bool = False                   # redo images whose outputs are complete
@@ -74,6 +78,7 @@ class ScanActor:
 
     def __init__(self, model_url: str, cfg: InspectConfig, threshold: float | None, out: str,
                  fingerprint: str, metrics_cfg: MetricsConfig, threads: int):
+        import cv2
         import ray
         import torch
 
@@ -81,6 +86,7 @@ class ScanActor:
         from .pipeline import Inspector
 
         torch.set_num_threads(max(1, threads))
+        cv2.setNumThreads(max(1, threads))
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         model = load_model(model_url, device)
         self.inspector = Inspector(model, model.card, cfg, threshold, device)
@@ -195,7 +201,16 @@ def _read_stats(out: str, items: list[_Item]) -> dict[int, bytes | None]:
         return dict(pool.map(read, items))
 
 
-def _pool_shape(options: ScanOptions, resources: dict) -> tuple[int, float, float, int]:
+@dataclass(frozen=True)
+class _Shape:
+    workers: int
+    gpus: float          # per actor
+    cpus: float          # per actor
+    depth: int           # images queued on an actor
+    concurrency: int     # images an actor works on at once
+
+
+def _pool_shape(options: ScanOptions, resources: dict) -> _Shape:
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     per_gpu = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
     if per_gpu > gpus:
@@ -204,11 +219,13 @@ def _pool_shape(options: ScanOptions, resources: dict) -> tuple[int, float, floa
     # N one-thread actors scan faster than one N-thread actor (docs/benchmarks.md).
     workers = options.workers or (int(gpus // per_gpu) if per_gpu else max(1, int(cpus)))
     per_cpu = options.cpus_per_worker or max(1.0, float(int(cpus // workers)))
-    return workers, per_gpu, per_cpu, options.depth or (2 if per_gpu else 1)
+    concurrency = options.concurrency or (2 if per_gpu else 1)
+    depth = max(options.depth or (3 if per_gpu else 2), concurrency)
+    return _Shape(workers, per_gpu, per_cpu, depth, concurrency)
 
 
 class _Pool:
-    """Actors with at most ``depth`` images each. A dead actor is replaced at once and the images
+    """Actors with at most ``depth`` images each (queued in the actor beyond its concurrency). A dead actor is replaced at once and the images
     it held come back as ``lost``, for the driver to hand to the next free actor."""
 
     def __init__(self, remote, args: tuple, workers: int, depth: int):
@@ -286,13 +303,13 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
     queue = deque(it for it in items if it.index not in complete)
 
     resources = ensure_ray(options.address)
-    workers, gpus, cpus, depth = _pool_shape(options, resources)
-    workers = min(workers, max(1, len(queue)))
+    shape = _pool_shape(options, resources)
+    workers, gpus, cpus, depth = min(shape.workers, max(1, len(queue))), shape.gpus, shape.cpus, shape.depth
     telemetry.start({"run_id": fingerprint + "-" + hex(int(t_start))[2:], "model_fingerprint": card.fingerprint,
                      "stride": cfg.stride, "precision": cfg.precision, "workers": workers, "threshold": threshold,
                      "images_total": len(samples), "to_scan": len(queue), "skipped": len(complete)})
     try:
-        remote = ray.remote(ScanActor).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=depth,
+        remote = ray.remote(ScanActor).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=shape.concurrency,
                                                max_restarts=0)
         pool = _Pool(remote, (model_url, cfg, threshold, out, fingerprint, metrics_cfg, int(cpus)),
                      workers if queue else 0, depth)
@@ -341,7 +358,7 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
                    "source": source, "out": out, "images": len(samples), "scanned": counts["ok"],
                    "skipped": counts["skipped"], "failed": counts["error"], "retried": retried,
                    "tiles": ledger.tiles, "workers": workers, "gpus_per_worker": gpus, "cpus_per_worker": cpus,
-                   "depth": depth,
+                   "depth": depth, "concurrency": shape.concurrency,
                    "threshold": threshold, "stride": cfg.stride, "precision": cfg.precision,
                    "seconds": round(time.time() - t_start, 3)}
         evaluation = ledger.evaluation()

@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 import resource
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -150,6 +151,7 @@ def scan_image(inspector: Inspector, sample: Sample, stem: str, out: str, finger
     if acc.packed:
         record.update(flagged_pixels=acc.flagged, regions=acc.regions.count)
     timings = {"read": t_read, **acc.timings, "write": time.perf_counter() - t1}
-    record.update(bytes_written=written, timings={k: round(v, 6) for k, v in timings.items()})
+    record.update(bytes_written=written, timings={k: round(v, 6) for k, v in timings.items()},
+                  worker=f"{socket.gethostname()}:{os.getpid()}", finished=round(time.time(), 6))
     storage.write_text(urls["record"], json.dumps(record))   # last: the image is now complete
     return record, stats

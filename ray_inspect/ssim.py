@@ -154,26 +154,57 @@ def _combine(mx, my, vx, vy, vxy, c1: float, c2: float) -> torch.Tensor:
 
 def _strip_rows() -> int:
     """Rows per strip of the no-grad CPU path, so that a strip's five moment planes stay in the
-    cache: 32 for one thread, 64 when two or more threads share the strip (measured, 1024 px wide)."""
-    return 32 if torch.get_num_threads() == 1 else 64
+    cache (measured, 1024 px wide)."""
+    return 64
+
+
+def _cv2():
+    """OpenCV, with as many threads as torch (an actor's CPU share)."""
+    import cv2
+
+    if cv2.getNumThreads() != torch.get_num_threads():
+        cv2.setNumThreads(torch.get_num_threads())
+    return cv2
 
 
 def _ssim_strips(x: torch.Tensor, y: torch.Tensor, cfg: SSIMConfig, c1: float, c2: float) -> torch.Tensor:
-    """Inference path for large images: pad once, then blur and combine one strip of rows at a time."""
+    """Inference path on CPU: pad once, then per strip of rows blur the five moment planes with
+    OpenCV's vectorised separable filter (about 5x our shift-and-add) and combine them in place,
+    in the cache. Every pixel's arithmetic depends on its neighbourhood only, as in the torch path."""
+    cv2 = _cv2()
     n, c, h, w = x.shape
     r = cfg.window // 2
-    k = _kernel_cpu(cfg.window, float(cfg.sigma)).tolist()
+    k = _kernel_cpu(cfg.window, float(cfg.sigma)).numpy()
     shift = _SHIFT
     xp, yp = _pad_symmetric(x - shift, r), _pad_symmetric(y - shift, r)
     out = torch.empty_like(x)
     rows = _strip_rows()
-    for s in range(0, h, rows):
-        e = min(h, s + rows)
-        xs, ys = xp[..., s : e + 2 * r, :], yp[..., s : e + 2 * r, :]
-        stacked = torch.cat([xs, ys, xs * xs, ys * ys, xs * ys], dim=1).reshape(n * 5 * c, e - s + 2 * r, w + 2 * r)
-        m = _correlate_valid(stacked, k, e - s, w, block=1 << 40).view(n, 5 * c, e - s, w)
-        mx, my, mxx, myy, mxy = torch.split(m, c, dim=1)
-        out[..., s:e, :] = _combine(mx + shift, my + shift, mxx - mx * mx, myy - my * my, mxy - mx * my, c1, c2)
+    hp, wp = min(h, rows) + 2 * r, w + 2 * r
+    prod = torch.empty((3, hp, wp), dtype=x.dtype)       # x^2, y^2, xy of a strip
+    blur = torch.empty((5, hp, wp), dtype=x.dtype)       # the blurred planes (valid part used)
+    t1, t2 = torch.empty((2, min(h, rows), w), dtype=x.dtype)
+    for b in range(n):
+        for ch in range(c):
+            for s in range(0, h, rows):
+                e = min(h, s + rows)
+                m, hh = e - s, e - s + 2 * r
+                xs, ys = xp[b, ch, s : s + hh], yp[b, ch, s : s + hh]
+                torch.mul(xs, xs, out=prod[0, :hh])
+                torch.mul(ys, ys, out=prod[1, :hh])
+                torch.mul(xs, ys, out=prod[2, :hh])
+                for i, plane in enumerate((xs, ys, prod[0, :hh], prod[1, :hh], prod[2, :hh])):
+                    cv2.sepFilter2D(plane.numpy(), -1, k, k, dst=blur[i, :hh].numpy(),
+                                    borderType=cv2.BORDER_CONSTANT)
+                mx, my, mxx, myy, mxy = blur[:, r : r + m, r : r + w]
+                a, q = t1[:m], t2[:m]
+                torch.mul(mx, my, out=a)
+                mxy.sub_(a).mul_(2).add_(c2)                          # 2 cov + c2
+                mxx.addcmul_(mx, mx, value=-1).add_(myy).addcmul_(my, my, value=-1).add_(c2)  # vx + vy + c2
+                mx.add_(shift)
+                my.add_(shift)
+                torch.mul(mx, my, out=a).mul_(2).add_(c1).mul_(mxy)
+                torch.mul(mx, mx, out=q).addcmul_(my, my).add_(c1).mul_(mxx)
+                torch.div(a, q, out=out[b, ch, s:e])
     return out
 
 
@@ -186,8 +217,8 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, cfg: SSIMConfig = SSIMConfig()) -
         c1 = (cfg.k1 * cfg.data_range) ** 2
         c2 = (cfg.k2 * cfg.data_range) ** 2
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-        if x.device.type == "cpu" and not needs_grad and x.shape[-2] > 2 * _strip_rows():
-            return _ssim_strips(x, y, cfg, c1, c2)
+        if x.device.type == "cpu" and not needs_grad:
+            return _ssim_strips(x.contiguous(), y.contiguous(), cfg, c1, c2)
         return _combine(*_moments(x, y, cfg.window, cfg.sigma), c1, c2)
 
 

@@ -21,7 +21,7 @@ from ray_inspect.artifact import read_card
 from ray_inspect.config import InspectConfig, MetricsConfig, SynthConfig
 from ray_inspect.datasets import list_samples
 from ray_inspect.evaluation import Evaluation
-from ray_inspect.fleet import EXIT_OK, ScanOptions, _pool_shape, scan, scan_fingerprint
+from ray_inspect.fleet import EXIT_OK, ScanOptions, _pool_shape, _Shape, scan, scan_fingerprint
 from ray_inspect.imagescan import output_stems, output_urls, scan_image
 from ray_inspect.pipeline import Inspector
 
@@ -210,9 +210,10 @@ def test_rerun_skips_force_redoes_and_changed_settings_or_inputs_rescan(ray_sess
 
 
 def test_pool_shape_defaults_and_gpu_check():
-    assert _pool_shape(ScanOptions(), {"CPU": 2}) == (2, 0.0, 1.0, 1)
-    assert _pool_shape(ScanOptions(workers=1), {"CPU": 2}) == (1, 0.0, 2.0, 1)
-    assert _pool_shape(ScanOptions(), {"CPU": 16, "GPU": 4}) == (4, 1.0, 4.0, 2)
-    assert _pool_shape(ScanOptions(workers=2, depth=3), {"CPU": 2}) == (2, 0.0, 1.0, 3)
+    assert _pool_shape(ScanOptions(), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 2, 1)
+    assert _pool_shape(ScanOptions(workers=1), {"CPU": 2}) == _Shape(1, 0.0, 2.0, 2, 1)
+    assert _pool_shape(ScanOptions(), {"CPU": 16, "GPU": 4}) == _Shape(4, 1.0, 4.0, 3, 2)
+    assert _pool_shape(ScanOptions(workers=2, depth=3), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 3, 1)
+    assert _pool_shape(ScanOptions(depth=1, concurrency=2), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 2, 2)
     with pytest.raises(ValueError, match="GPUs"):
         _pool_shape(ScanOptions(gpus_per_worker=1), {"CPU": 2})

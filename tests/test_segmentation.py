@@ -26,6 +26,17 @@ def test_grey_opening_equals_binary_opening_at_every_threshold():
         np.testing.assert_array_equal(segment(r, t, 4, opened)[4:-4, 4:-4], naive[4:-4, 4:-4])
 
 
+@pytest.mark.parametrize("diameter", [2, 3, 4, 5, 6, 7])
+def test_opening_equals_skimage_edges_included(diameter):
+    rng = np.random.default_rng(diameter)
+    fp = circular_footprint(diameter)
+    for shape, dtype in (((57, 83), np.float32), ((12, 9), np.float64), ((200, 31), np.float32)):
+        r = rng.random(shape).astype(dtype)
+        np.testing.assert_array_equal(open_residual(r, diameter), opening(r, fp, mode="reflect"))
+        for t in (0.3, 0.6):
+            np.testing.assert_array_equal(segment(r, t, diameter), opening(r > t, fp))
+
+
 def naive_opening(m, fp):
     """Erosion (all of the element inside) then dilation (union of placed elements), by loops."""
     h, w = m.shape
