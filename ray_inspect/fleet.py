@@ -33,7 +33,7 @@ from .imagescan import output_stems, output_urls, scan_image
 from .images import InputError
 
 EXIT_OK, EXIT_PARTIAL = 0, 3
-SCAN_FORMAT = 1          # bump when outputs of the same settings change
+SCAN_FORMAT = 2          # bump when outputs of the same settings change
 
 
 @dataclass(frozen=True)

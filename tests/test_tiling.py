@@ -6,6 +6,7 @@ import torch
 
 from ray_inspect import reconstruct
 from ray_inspect.config import ModelConfig
+from ray_inspect.inference import _FusedConvStack, bf16_supported, precision_context, prepare_model
 from ray_inspect.model import ConvAE, ConvVAE
 from ray_inspect.tiling import TileGrid, window_starts
 
@@ -75,6 +76,32 @@ def test_bfloat16_close_to_float32_and_colour_shape(model):
     colour = ConvAE(ModelConfig(channels=3)).eval()
     rgb = np.random.default_rng(2).random((130, 140, 3)).astype(np.float32)
     assert reconstruct(colour, rgb).shape == rgb.shape
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="no native bfloat16 on this CPU")
+@pytest.mark.parametrize("arch", [ConvAE, ConvVAE])
+def test_fused_bfloat16_stacks_match_autocast_and_do_not_depend_on_the_batch(arch):
+    torch.manual_seed(0)
+    base = arch(ModelConfig(loss="vae" if arch is ConvVAE else "ssim")).eval()
+    fused = prepare_model(base, "bfloat16")
+    assert isinstance(fused.encoder, _FusedConvStack) and isinstance(fused.decoder, _FusedConvStack)
+    assert isinstance(base.encoder, torch.nn.Sequential)                  # the caller's model is untouched
+    x = torch.rand(20, 1, 128, 128, generator=torch.Generator().manual_seed(4))
+
+    def run(m, x):   # the VAE decodes its posterior mean
+        return m.decoder(m.encode(x)[0]) if arch is ConvVAE else m(x)
+
+    with torch.inference_mode():
+        exact = run(base, x)
+        with precision_context("bfloat16", torch.device("cpu")):
+            autocast = run(base, x.contiguous(memory_format=torch.channels_last)).float()
+        got = run(fused, x)
+        one_by_one = torch.cat([run(fused, x[i:i + 1]) for i in range(len(x))])
+    assert got.dtype == torch.bfloat16
+    e_fused, e_autocast = (got.float() - exact).abs(), (autocast - exact).abs()
+    assert e_fused.max() <= 1.5 * e_autocast.max() and e_fused.mean() <= 1.2 * e_autocast.mean()
+    torch.testing.assert_close(got.float(), autocast, rtol=0, atol=2**-6)
+    assert torch.equal(one_by_one, got)                                   # what exact bands rest on
 
 
 def test_vae_reconstructs_from_posterior_mean():
