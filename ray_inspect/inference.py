@@ -83,8 +83,13 @@ class _FusedConvStack(nn.Module):
             act = mods[i + 1] if i + 1 < len(mods) and isinstance(mods[i + 1], nn.LeakyReLU) else None
             w = conv.weight.detach().to(torch.bfloat16)
             b = None if conv.bias is None else conv.bias.detach().to(torch.bfloat16)
-            post = ("leaky_relu", [act.negative_slope]) if act is not None else ("none", [])
-            self.steps.append((conv, w, b, post))
+            attr, scalars = ("leaky_relu", [act.negative_slope]) if act is not None else ("none", [])
+            pad, stride, dil = list(conv.padding), list(conv.stride), list(conv.dilation)
+            if isinstance(conv, nn.ConvTranspose2d):
+                op, args = torch.ops.mkldnn._convolution_transpose_pointwise, (pad, list(conv.output_padding))
+            else:
+                op, args = torch.ops.mkldnn._convolution_pointwise, (pad,)
+            self.steps.append((op, w, b, (*args, stride, dil, 1, attr, scalars, "")))
 
     @staticmethod
     def fusable(m: nn.Module) -> bool:
@@ -100,14 +105,8 @@ class _FusedConvStack(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        mk = torch.ops.mkldnn
-        for conv, w, b, (attr, scalars) in self.steps:
-            pad, stride, dil = list(conv.padding), list(conv.stride), list(conv.dilation)
-            if isinstance(conv, nn.ConvTranspose2d):
-                x = mk._convolution_transpose_pointwise(x, w, b, pad, list(conv.output_padding), stride, dil, 1,
-                                                        attr, scalars, "")
-            else:
-                x = mk._convolution_pointwise(x, w, b, pad, stride, dil, 1, attr, scalars, "")
+        for op, w, b, args in self.steps:
+            x = op(x, w, b, *args)
         return x
 
 

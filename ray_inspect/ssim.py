@@ -176,7 +176,6 @@ def _ssim_strips(x: torch.Tensor, y: torch.Tensor, cfg: SSIMConfig, c1: float, c
     r = cfg.window // 2
     k = _kernel_cpu(cfg.window, float(cfg.sigma)).numpy()
     shift = _SHIFT
-    xp, yp = _pad_symmetric(x - shift, r), _pad_symmetric(y - shift, r)
     out = torch.empty_like(x)
     rows = _strip_rows()
     hp, wp = min(h, rows) + 2 * r, w + 2 * r
@@ -185,10 +184,13 @@ def _ssim_strips(x: torch.Tensor, y: torch.Tensor, cfg: SSIMConfig, c1: float, c
     t1, t2 = torch.empty((2, min(h, rows), w), dtype=x.dtype)
     for b in range(n):
         for ch in range(c):
+            # symmetric padding (OpenCV's BORDER_REFLECT), shifted by the constant
+            xp, yp = (torch.from_numpy(cv2.copyMakeBorder(t[b, ch].numpy(), r, r, r, r, cv2.BORDER_REFLECT)).sub_(shift)
+                      for t in (x, y))
             for s in range(0, h, rows):
                 e = min(h, s + rows)
                 m, hh = e - s, e - s + 2 * r
-                xs, ys = xp[b, ch, s : s + hh], yp[b, ch, s : s + hh]
+                xs, ys = xp[s : s + hh], yp[s : s + hh]
                 torch.mul(xs, xs, out=prod[0, :hh])
                 torch.mul(ys, ys, out=prod[1, :hh])
                 torch.mul(xs, ys, out=prod[2, :hh])
