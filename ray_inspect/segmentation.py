@@ -114,7 +114,10 @@ class RegionCounter:
         if not mask.any():
             self._last = np.zeros(mask.shape[1], np.int64) if len(mask) else self._last
             return
-        lab, n = label(mask, connectivity=2, return_num=True)
+        import cv2
+
+        n, lab = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        n -= 1                                                            # label 0 is the background
         lab = np.where(lab > 0, lab + (self._next - 1), 0)
         self._next += n
         self.count += n
