@@ -183,8 +183,8 @@ class Reconstructor:
                     overlap_add(nll, self._vae_nll(tiles, pos, key), local)
                 self.tiles_processed += len(pos)
         c0, c1 = band.recon_rows
-        cover = grid.coverage_rows(c0, c1).to(self.device)
-        recon = (acc[:, c0 - i0 : c1 - i0] / cover).clamp_(0.0, 1.0)
+        cover = (grid.coverage if (c0, c1) == (0, grid.height) else grid.coverage_rows(c0, c1)).to(self.device)
+        recon = acc[:, c0 - i0 : c1 - i0].div_(cover).clamp_(0.0, 1.0)
         if nll is not None:
             nll = nll[:, c0 - i0 : c1 - i0] / cover
         return recon, nll
