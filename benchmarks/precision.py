@@ -13,6 +13,7 @@ import numpy as np
 
 from ray_inspect import load_model
 from ray_inspect.config import InspectConfig
+from ray_inspect.inference import prepare_model
 from ray_inspect.datasets import list_samples
 from ray_inspect.metrics import PixelROC
 from ray_inspect.pipeline import Inspector
@@ -23,22 +24,27 @@ def main(model_url: str, dataset: str, limit: int = 30) -> None:
     samples = [s for s in list_samples(dataset) if s.labelled][:limit]
     res = {}
     maps = {}
-    for prec in ("float32", "bfloat16"):
+    variants = {"float32": ("float32", True), "bfloat16": ("bfloat16", True),
+                "bfloat16_autocast": ("bfloat16", False)}        # the unfused forward, for comparison
+    for name, (prec, fuse) in variants.items():
         insp = Inspector(model, model.card, InspectConfig(precision=prec))
+        insp.reconstructor.model = prepare_model(model, prec, fuse=fuse)
         roc = PixelROC(range=model.card.score_range)
         t0 = time.perf_counter()
         out = []
         for s in samples:
             img, gt = insp.load(s)
-            r, _, _ = insp.residual_map(img, s.key)
+            r = insp.inspect(img, s.key, grey=False).residual
             roc.update(r, gt, regions=False)
             out.append(r)
-        res[prec] = {"pixel_auroc": roc.auroc(), "seconds": time.perf_counter() - t0}
-        maps[prec] = out
-    diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(maps["float32"], maps["bfloat16"])])
-    res["residual_abs_diff"] = {"max": float(diff.max()), "mean": float(diff.mean()), "p99": float(np.quantile(diff, 0.99))}
-    res["auroc_change"] = res["bfloat16"]["pixel_auroc"] - res["float32"]["pixel_auroc"]
-    res["speedup"] = res["float32"]["seconds"] / res["bfloat16"]["seconds"]
+        res[name] = {"pixel_auroc": roc.auroc(), "seconds": time.perf_counter() - t0}
+        maps[name] = out
+    for name in ("bfloat16", "bfloat16_autocast"):
+        diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(maps["float32"], maps[name])])
+        res[name].update(residual_abs_diff={"max": float(diff.max()), "mean": float(diff.mean()),
+                                            "p99": float(np.quantile(diff, 0.99))},
+                         auroc_change=res[name]["pixel_auroc"] - res["float32"]["pixel_auroc"],
+                         speedup=res["float32"]["seconds"] / res[name]["seconds"])
     res["images"] = len(samples)
     print(json.dumps(res, indent=2))
 

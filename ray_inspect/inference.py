@@ -47,15 +47,18 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
     return precision
 
 
-def prepare_model(model: nn.Module, precision: str, device: torch.device | str = "cpu") -> nn.Module:
+def prepare_model(model: nn.Module, precision: str, device: torch.device | str = "cpu",
+                  fuse: bool = True) -> nn.Module:
     """Eval mode on ``device``; channels-last for bfloat16, where oneDNN/cuDNN are fastest; on a
-    CPU with native bfloat16, a copy whose convolution stacks run fused (``_FusedConvStack``)."""
+    CPU with native bfloat16 (unless ``fuse`` is off), a copy whose convolution stacks run fused
+    (``_FusedConvStack``)."""
     model = model.eval().to(device)
     if precision != "bfloat16":
         return model
     model = model.to(memory_format=torch.channels_last)
     device = torch.device(device)
-    if device.type != "cpu" or not bf16_supported(device) or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+    if not fuse or device.type != "cpu" or not bf16_supported(device) \
+            or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         return model
     stacks = {name: m for name, m in model.named_children() if _FusedConvStack.fusable(m)}
     if not stacks:
