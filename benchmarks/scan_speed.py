@@ -1,7 +1,7 @@
 """Scan speed as ratios within one run (targets: end-to-end >= 0.85 x bare forward; >= 10x naive loop).
 
-1. bare model forward: tiles/s of the network alone on ready-made tiles (same batch, same precision,
-   the threads of one actor);
+1. bare model forward: tiles/s of the network alone on ready-made tiles (same batch, same precision),
+   the fastest way on these cores: one single-threaded process per core, run at once;
 2. end-to-end ``scan`` on Ray actors (1 actor with all CPUs, then as many actors as CPUs) of a local
    archive of 1024x1024 PNGs: list, read, tile, model, average, SSIM, threshold, opening, write;
    the steady rate runs, per actor, from its first finished image to its last (actor start-up
@@ -135,20 +135,23 @@ def main() -> None:
                 "wall_tiles_per_s": round(summary["scanned"] * tiles / wall, 1)}
 
     run_scan(os.path.join(work, "warm"), 1)               # warm-up (page cache, allocator, Ray workers)
-    # The machine's speed drifts over seconds, so every scan is bracketed by bare-forward runs of
-    # the same shape (before and after; their mean is the reference) and each round gives a ratio.
+    # The reference is the fastest bare forward on these cores: one single-threaded process per
+    # core (one process with a thread per core is ~10 % slower, reported for information). The
+    # machine's speed drifts over seconds, so every scan is bracketed by reference runs (before
+    # and after; their mean is the scan's reference) and each round gives a ratio per pool.
     rounds = []
     for r in range(a.rounds):
         torch.set_num_threads(cpus)
-        b1 = bare_forward(load_model(url), a.batch_size, a.precision, seconds=4.0)
+        threaded = bare_forward(load_model(url), a.batch_size, a.precision, seconds=4.0)
+        b0 = bare_forward_processes(url, cpus, a.batch_size, a.precision)
         one = run_scan(os.path.join(work, f"one{r}"), 1)
-        b2 = bare_forward(load_model(url), a.batch_size, a.precision, seconds=4.0)
-        m1 = bare_forward_processes(url, cpus, a.batch_size, a.precision)
+        b1 = bare_forward_processes(url, cpus, a.batch_size, a.precision)
         many = run_scan(os.path.join(work, f"many{r}"), cpus)
-        m2 = bare_forward_processes(url, cpus, a.batch_size, a.precision)
-        bare, bare_many = (b1 + b2) / 2, (m1 + m2) / 2
-        rounds.append({"bare": bare, "bare_many": bare_many, "one": one, "many": many,
-                       "ratio": one["tiles_per_s"] / bare, "ratio_many": many["tiles_per_s"] / bare_many})
+        b2 = bare_forward_processes(url, cpus, a.batch_size, a.precision)
+        ref_one, ref_many = (b0 + b1) / 2, (b1 + b2) / 2
+        rounds.append({"bare_threaded": threaded, "bare": ref_one, "bare_many": ref_many, "one": one, "many": many,
+                       "ratio": one["tiles_per_s"] / ref_one, "ratio_many": many["tiles_per_s"] / ref_many,
+                       "ratio_threaded": one["tiles_per_s"] / threaded})
 
     def median_round(key):
         return sorted(rounds, key=lambda d: d[key])[len(rounds) // 2]
@@ -163,14 +166,17 @@ def main() -> None:
         "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
         f"{cpus} cores, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})",
         "batch_size": a.batch_size, "precision": a.precision, "depth": a.depth, "image": "1024x1024", "images": a.images,
-        "tiles_per_image": tiles, "bare_forward_tiles_per_s": round(mid["bare"], 1),
+        "tiles_per_image": tiles,
         f"bare_forward_{cpus}_processes_tiles_per_s": round(mid_many["bare_many"], 1),
+        f"bare_forward_1_process_{cpus}_threads_tiles_per_s": round(median_round("ratio_threaded")["bare_threaded"], 1),
         "actors_1": mid["one"], f"actors_{cpus}": mid_many["many"],
-        "round_ratios": [round(d["ratio"], 3) for d in rounds],
+        "ratio_1_actor_to_bare": round(mid["ratio"], 3), f"ratio_{cpus}_actors_to_bare": round(mid_many["ratio_many"], 3),
+        "ratio_1_actor_to_bare_threaded": round(median_round("ratio_threaded")["ratio_threaded"], 3),
+        "round_ratios_1_actor": [round(d["ratio"], 3) for d in rounds],
         f"round_ratios_{cpus}_actors": [round(d["ratio_many"], 3) for d in rounds],
-        "ratio_scan_to_bare": round(mid["ratio"], 3), f"ratio_{cpus}_actors_to_bare": round(mid_many["ratio_many"], 3),
-        "rounds": [{"bare": round(d["bare"], 1), "actors_1": d["one"]["tiles_per_s"],
-                    f"bare_{cpus}_processes": round(d["bare_many"], 1), f"actors_{cpus}": d["many"]["tiles_per_s"]}
+        "rounds": [{"bare_1_actor": round(d["bare"], 1), "actors_1": d["one"]["tiles_per_s"],
+                    f"bare_{cpus}_actors": round(d["bare_many"], 1), f"actors_{cpus}": d["many"]["tiles_per_s"],
+                    f"bare_1_process_{cpus}_threads": round(d["bare_threaded"], 1)}
                    for d in rounds],
         "naive_seconds_per_image": round(naive_s, 2), "scan_seconds_per_image": round(per_image, 3),
         "speedup_vs_naive": round(naive_s / per_image, 1),

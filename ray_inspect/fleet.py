@@ -43,12 +43,12 @@ class ScanOptions:
     workers: int | None = None            # actors; default one per GPU, else one per CPU
     gpus_per_worker: float | None = None  # default 1 when the cluster has GPUs, else 0
     cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the actors
-    depth: int | None = None              # images sent to an actor at once, default 3 on a GPU, 2 on CPUs:
-                                          # the next image waits in the actor's queue, so no round trip
-                                          # to the driver separates two images
-    concurrency: int | None = None        # images an actor works on at once: default 2 on a GPU (one
-                                          # reads and writes while the other computes), 1 on CPUs (the
-                                          # cores are busy computing; a second image only competes)
+    concurrency: int | None = None        # images an actor works on at once; default: one per compute
+                                          # slot plus one that reads or writes (waits on storage) while
+                                          # the others compute
+    depth: int | None = None              # images sent to an actor at once, default concurrency + 1: the
+                                          # next image waits in the actor's queue, so no round trip to
+                                          # the driver separates two images
     max_attempts: int = 3                 # an image whose actor dies this often is recorded as lost
     shard_size: int = 256                 # images of the listing per statistics shard
     force: bool = False                   # redo images whose outputs are complete
@@ -74,10 +74,11 @@ def scan_fingerprint(card: ModelCard, cfg: InspectConfig, threshold: float | Non
 
 
 class ScanActor:
-    """One model on one device; ``scan`` runs concurrently in a few threads, the model under a lock."""
+    """One model on one device; ``scan`` runs in a few threads at once, at most ``slots`` of them
+    computing (each with ``threads`` threads for torch and OpenCV) while the others read or write."""
 
     def __init__(self, model_url: str, cfg: InspectConfig, threshold: float | None, out: str,
-                 fingerprint: str, metrics_cfg: MetricsConfig, threads: int):
+                 fingerprint: str, metrics_cfg: MetricsConfig, threads: int, slots: int = 1):
         import cv2
         import ray
         import torch
@@ -91,7 +92,8 @@ class ScanActor:
         model = load_model(model_url, device)
         self.inspector = Inspector(model, model.card, cfg, threshold, device)
         self.out, self.fingerprint, self.metrics_cfg = out, fingerprint, metrics_cfg
-        self.lock = threading.Lock()
+        self.lock = threading.BoundedSemaphore(max(1, slots))       # images computing
+        self.large = threading.BoundedSemaphore(max(1, slots))      # images beyond one region in memory
 
     def pid(self) -> int:
         return os.getpid()
@@ -99,7 +101,7 @@ class ScanActor:
     def scan(self, sample: Sample, stem: str) -> dict:
         try:
             record, stats = scan_image(self.inspector, sample, stem, self.out, self.fingerprint,
-                                       self.metrics_cfg, self.lock)
+                                       self.metrics_cfg, self.lock, self.large)
         except InputError as exc:
             return {"status": "error", "error": {"key": sample.key, "url": exc.url, "reason": exc.reason,
                                                  "kind": exc.kind}}
@@ -208,6 +210,8 @@ class _Shape:
     cpus: float          # per actor
     depth: int           # images queued on an actor
     concurrency: int     # images an actor works on at once
+    slots: int           # of those, computing at once
+    threads: int         # torch and OpenCV threads of a computing image
 
 
 def _pool_shape(options: ScanOptions, resources: dict) -> _Shape:
@@ -215,13 +219,18 @@ def _pool_shape(options: ScanOptions, resources: dict) -> _Shape:
     per_gpu = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
     if per_gpu > gpus:
         raise ValueError(f"--gpus-per-worker {per_gpu:g} but the cluster has {gpus:g} GPUs")
-    # Without GPUs, single-threaded actors: oneDNN's threads wait at every layer's barrier, so
-    # N one-thread actors scan faster than one N-thread actor (docs/benchmarks.md).
     workers = options.workers or (int(gpus // per_gpu) if per_gpu else max(1, int(cpus)))
     per_cpu = options.cpus_per_worker or max(1.0, float(int(cpus // workers)))
-    concurrency = options.concurrency or (2 if per_gpu else 1)
-    depth = max(options.depth or (3 if per_gpu else 2), concurrency)
-    return _Shape(workers, per_gpu, per_cpu, depth, concurrency)
+    # A GPU computes one image at a time. Without one, each CPU computes its own image on one
+    # thread: oneDNN's threads wait at every layer's barrier, so N one-thread computations scan
+    # faster than one N-thread computation (docs/benchmarks.md). One more image than computes
+    # reads or writes meanwhile, so no core waits on storage or on Ray between two images.
+    most = 1 if per_gpu else max(1, int(per_cpu))
+    concurrency = options.concurrency or most + 1
+    slots = min(most, concurrency)
+    threads = max(1, int(per_cpu) // slots)
+    depth = max(options.depth or concurrency + 1, concurrency)
+    return _Shape(workers, per_gpu, per_cpu, depth, concurrency, slots, threads)
 
 
 class _Pool:
@@ -311,7 +320,7 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
     try:
         remote = ray.remote(ScanActor).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=shape.concurrency,
                                                max_restarts=0)
-        pool = _Pool(remote, (model_url, cfg, threshold, out, fingerprint, metrics_cfg, int(cpus)),
+        pool = _Pool(remote, (model_url, cfg, threshold, out, fingerprint, metrics_cfg, shape.threads, shape.slots),
                      workers if queue else 0, depth)
         telemetry.actors(len(pool.actors))
         retried = 0
@@ -358,7 +367,8 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
                    "source": source, "out": out, "images": len(samples), "scanned": counts["ok"],
                    "skipped": counts["skipped"], "failed": counts["error"], "retried": retried,
                    "tiles": ledger.tiles, "workers": workers, "gpus_per_worker": gpus, "cpus_per_worker": cpus,
-                   "depth": depth, "concurrency": shape.concurrency,
+                   "depth": depth, "concurrency": shape.concurrency, "compute_slots": shape.slots,
+                   "threads_per_slot": shape.threads,
                    "threshold": threshold, "stride": cfg.stride, "precision": cfg.precision,
                    "seconds": round(time.time() - t_start, 3)}
         evaluation = ledger.evaluation()

@@ -110,12 +110,34 @@ def decode(data: bytes, url: str, channels: int = 1) -> np.ndarray:
     return to_float(decode_raw(data, url), channels)
 
 
-def read_raw(url: str) -> tuple[np.ndarray, int]:
-    """Read and decode an image, keeping its own pixel type (see ``decode_raw``); also the bytes read."""
+def fetch(url: str) -> bytes:
+    """An image file's bytes; an unreadable one is bad input."""
     try:
-        data = storage.read_bytes(url)
+        return storage.read_bytes(url)
     except storage.StorageError as exc:
         raise InputError(url, str(exc).split(": ", 1)[-1], "unreadable") from None
+
+
+def peek_shape(data: bytes, url: str) -> tuple[int, int] | None:
+    """Height and width from the header alone, without decoding (None where it cannot tell:
+    decoding will then say what is wrong)."""
+    try:
+        ext = os.path.splitext(url.lower())[1]
+        if ext in (".tif", ".tiff") or data[:4] in (b"II*\x00", b"MM\x00*"):
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                shape = tif.series[0].shape
+            if len(shape) == 3 and shape[0] <= 4 < shape[-1]:
+                shape = shape[1:]                        # planar (C, H, W), as _layout reads it
+            return int(shape[0]), int(shape[1])
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size[1], im.size[0]
+    except Exception:  # noqa: BLE001 - any header problem is reported by the decoder
+        return None
+
+
+def read_raw(url: str) -> tuple[np.ndarray, int]:
+    """Read and decode an image, keeping its own pixel type (see ``decode_raw``); also the bytes read."""
+    data = fetch(url)
     return decode_raw(data, url), len(data)
 
 

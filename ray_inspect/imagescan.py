@@ -33,7 +33,8 @@ from . import storage
 from .config import MetricsConfig
 from .datasets import Sample
 from .evaluation import Evaluation
-from .pipeline import Inspector
+from .images import fetch, peek_shape
+from .pipeline import Inspector, LoadedImage
 from .segmentation import RegionCounter
 
 SPOOL_BYTES = 64 << 20   # residual maps larger than this go through a local temporary file
@@ -93,16 +94,27 @@ def _encode_mask(packed: list[np.ndarray], height: int, width: int) -> bytes:
 
 
 def scan_image(inspector: Inspector, sample: Sample, stem: str, out: str, fingerprint: str,
-               metrics_cfg: MetricsConfig = MetricsConfig(), lock=None) -> tuple[dict, bytes | None]:
+               metrics_cfg: MetricsConfig = MetricsConfig(), lock=None, large=None) -> tuple[dict, bytes | None]:
     """Scan ``sample`` into ``out``; returns its record and its statistics (labelled images).
 
-    ``lock`` (held around each band's computation) lets several images share one model: reads,
-    encoding and uploads of one overlap the computation of another. Bad input raises InputError.
+    Several images may share one model: ``lock`` (a lock or semaphore) is held around each band's
+    computation, so reads, encoding and writes of one overlap the computation of another; ``large``
+    (likewise) is held by an image beyond one region from its decoding to its last write, so that
+    large images do not add up in memory. Bad input raises InputError.
     """
-    lock = lock or contextlib.nullcontext()
     t0 = time.perf_counter()
-    img = inspector.read(sample)
-    t_read = time.perf_counter() - t0
+    data = fetch(sample.url)
+    shape = peek_shape(data, sample.url)
+    gate = large if large is not None and shape is not None and inspector.is_large(*shape) else None
+    with gate or contextlib.nullcontext():
+        img = inspector.read(sample, data)
+        del data
+        return _scan(inspector, sample, img, stem, out, fingerprint, metrics_cfg, lock, time.perf_counter() - t0)
+
+
+def _scan(inspector: Inspector, sample: Sample, img: LoadedImage, stem: str, out: str, fingerprint: str,
+          metrics_cfg: MetricsConfig, lock, t_read: float) -> tuple[dict, bytes | None]:
+    lock = lock or contextlib.nullcontext()
     h, w = img.pixels.shape[:2]
     acc = _Accumulator(inspector, img.gt, metrics_cfg)
 

@@ -124,7 +124,6 @@ class Reconstructor:
         self.cfg = replace(cfg, precision=resolve_precision(cfg.precision, self.device))
         self.ssim_cfg = ssim_cfg
         self.patch = model_cfg.patch
-        self.tiles_processed = 0
 
     def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
         if self.cfg.precision == "bfloat16":
@@ -156,6 +155,10 @@ class Reconstructor:
         """The window grid of a (padded) image of this size."""
         return grid_for(height, width, self.patch, self.cfg.stride)
 
+    def windows(self, height: int, width: int) -> int:
+        """Windows run over a whole image of this size (it is padded up to a window first)."""
+        return len(self.grid(max(height, self.patch), max(width, self.patch)))
+
     def run(self, image: torch.Tensor, key: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Averaged reconstruction of a whole (C, H, W) image (and, for the VAE, its averaged NLL map)."""
         c, h, w = image.shape
@@ -184,7 +187,6 @@ class Reconstructor:
                 overlap_add(acc, self._forward(tiles), local)
                 if nll is not None:
                     overlap_add(nll, self._vae_nll(tiles, pos, key), local)
-                self.tiles_processed += len(pos)
         c0, c1 = band.recon_rows
         cover = (grid.coverage if (c0, c1) == (0, grid.height) else grid.coverage_rows(c0, c1)).to(self.device)
         recon = acc[:, c0 - i0 : c1 - i0].div_(cover).clamp_(0.0, 1.0)

@@ -20,7 +20,7 @@ from torch import nn
 from .artifact import ModelCard
 from .config import InspectConfig, SSIMConfig
 from .datasets import Sample
-from .images import InputError, read_mask, read_raw, resize_image, resize_mask, to_float
+from .images import InputError, decode_raw, read_mask, read_raw, resize_image, resize_mask, to_float
 from .inference import Reconstructor, prepare_model, to_chw
 from .segmentation import open_residual, segment
 from .tiling import plan_bands
@@ -84,9 +84,10 @@ class Inspector:
         self.model = prepare_model(model, cfg.precision, device)
         self.reconstructor = Reconstructor(self.model, card.model, cfg)
 
-    def read(self, sample: Sample) -> LoadedImage:
-        """Read an image (and its ground truth) and scale it like the training images."""
-        raw, nbytes = read_raw(sample.url)
+    def read(self, sample: Sample, data: bytes | None = None) -> LoadedImage:
+        """Read an image (from ``data`` when its bytes are at hand) and its ground truth, and scale
+        it like the training images."""
+        raw, nbytes = read_raw(sample.url) if data is None else (decode_raw(data, sample.url), len(data))
         gt = None
         if sample.defect_type == "good":
             gt = np.zeros(raw.shape[:2], bool)
@@ -107,6 +108,11 @@ class Inspector:
         img = self.read(sample)
         return to_float(img.pixels, self.card.model.channels), img.gt
 
+    def is_large(self, height: int, width: int) -> bool:
+        """Whether an image of this size (as stored) is decoded or processed beyond one region."""
+        h, w = self.card.processing_shape(height, width)
+        return max(height * width, h * w) > self.cfg.region_pixels
+
     def band_rows(self, height: int, width: int) -> int:
         """Output rows per band: all of them unless the image exceeds ``region_pixels``."""
         if height * width <= self.cfg.region_pixels or min(height, width) < self.card.model.patch:
@@ -125,10 +131,8 @@ class Inspector:
         if band_rows == h:
             t0 = time.perf_counter()
             x = to_chw(to_float(pixels, channels))
-            before = self.reconstructor.tiles_processed
             recon, nll = self.reconstructor.run(x, key=seed)
-            yield self._finish((0, h), x, recon, nll, (0, h), (0, h), grey,
-                               self.reconstructor.tiles_processed - before, t0)
+            yield self._finish((0, h), x, recon, nll, (0, h), (0, h), grey, self.reconstructor.windows(h, w), t0)
             return
         rec = self.reconstructor
         grid = rec.grid(h, w)
@@ -137,11 +141,11 @@ class Inspector:
             t0 = time.perf_counter()
             i0, i1 = band.input_rows
             x = to_chw(to_float(pixels[i0:i1], channels))
-            before = rec.tiles_processed
             recon, nll = rec.run_band(x, grid, band, key=seed)
             c0, c1 = band.recon_rows
+            tiles = (band.grid_rows[1] - band.grid_rows[0]) * len(grid.xs)
             yield self._finish(band.rows, x[:, c0 - i0 : c1 - i0], recon, nll, band.recon_rows,
-                               band.residual_rows, grey, rec.tiles_processed - before, t0)
+                               band.residual_rows, grey, tiles, t0)
 
     def _finish(self, rows, x, recon, nll, recon_rows, residual_rows, grey, tiles, t0) -> BandResult:
         """Residual of the reconstructed rows, then the opening and the mask of the band's rows."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from .config import SSIMConfig
@@ -169,44 +170,50 @@ def _cv2():
 
 def _ssim_strips(x: torch.Tensor, y: torch.Tensor, cfg: SSIMConfig, c1: float, c2: float) -> torch.Tensor:
     """Inference path on CPU: pad once, then per strip of rows blur the five moment planes with
-    OpenCV's vectorised separable filter (about 5x our shift-and-add) and combine them in place,
-    in the cache. Every pixel's arithmetic depends on its neighbourhood only, as in the torch path."""
+    OpenCV's vectorised separable filter (about 5x our shift-and-add) and combine them with
+    OpenCV's fused arithmetic (a*p + b*q + c in one pass), in place and in the cache. Every
+    pixel's arithmetic depends on its neighbourhood only, as in the torch path."""
     cv2 = _cv2()
     n, c, h, w = x.shape
     r = cfg.window // 2
-    k = _kernel_cpu(cfg.window, float(cfg.sigma)).numpy()
-    shift = _SHIFT
+    s = _SHIFT
+    k = _kernel_cpu(cfg.window, float(cfg.sigma)).numpy().astype(x.numpy().dtype)
     out = torch.empty_like(x)
     rows = _strip_rows()
     hp, wp = min(h, rows) + 2 * r, w + 2 * r
-    prod = torch.empty((3, hp, wp), dtype=x.dtype)       # x^2, y^2, xy of a strip
-    blur = torch.empty((5, hp, wp), dtype=x.dtype)       # the blurred planes (valid part used)
-    t1, t2 = torch.empty((2, min(h, rows), w), dtype=x.dtype)
+    prod = np.empty((3, hp, wp), k.dtype)            # x^2, y^2, xy of a strip
+    blur = np.empty((5, hp, wp), k.dtype)            # the blurred planes (valid part used)
+    tmp = np.empty((3, min(h, rows), w), k.dtype)
     for b in range(n):
         for ch in range(c):
             # symmetric padding (OpenCV's BORDER_REFLECT), shifted by the constant
-            xp, yp = (torch.from_numpy(cv2.copyMakeBorder(t[b, ch].numpy(), r, r, r, r, cv2.BORDER_REFLECT)).sub_(shift)
-                      for t in (x, y))
-            for s in range(0, h, rows):
-                e = min(h, s + rows)
-                m, hh = e - s, e - s + 2 * r
-                xs, ys = xp[s : s + hh], yp[s : s + hh]
-                torch.mul(xs, xs, out=prod[0, :hh])
-                torch.mul(ys, ys, out=prod[1, :hh])
-                torch.mul(xs, ys, out=prod[2, :hh])
+            xp, yp = (cv2.copyMakeBorder(t[b, ch].numpy(), r, r, r, r, cv2.BORDER_REFLECT) for t in (x, y))
+            xp -= s
+            yp -= s
+            o = out[b, ch].numpy()
+            for a in range(0, h, rows):
+                e = min(h, a + rows)
+                m, hh = e - a, e - a + 2 * r
+                xs, ys = xp[a : a + hh], yp[a : a + hh]
+                cv2.multiply(xs, xs, dst=prod[0, :hh])
+                cv2.multiply(ys, ys, dst=prod[1, :hh])
+                cv2.multiply(xs, ys, dst=prod[2, :hh])
                 for i, plane in enumerate((xs, ys, prod[0, :hh], prod[1, :hh], prod[2, :hh])):
-                    cv2.sepFilter2D(plane.numpy(), -1, k, k, dst=blur[i, :hh].numpy(),
-                                    borderType=cv2.BORDER_CONSTANT)
-                mx, my, mxx, myy, mxy = blur[:, r : r + m, r : r + w]
-                a, q = t1[:m], t2[:m]
-                torch.mul(mx, my, out=a)
-                mxy.sub_(a).mul_(2).add_(c2)                          # 2 cov + c2
-                mxx.addcmul_(mx, mx, value=-1).add_(myy).addcmul_(my, my, value=-1).add_(c2)  # vx + vy + c2
-                mx.add_(shift)
-                my.add_(shift)
-                torch.mul(mx, my, out=a).mul_(2).add_(c1).mul_(mxy)
-                torch.mul(mx, mx, out=q).addcmul_(my, my).add_(c1).mul_(mxx)
-                torch.div(a, q, out=out[b, ch, s:e])
+                    cv2.sepFilter2D(plane, -1, k, k, dst=blur[i, :hh], borderType=cv2.BORDER_CONSTANT)
+                mx, my, mxx, myy, mxy = blur[:, r : r + m, r : r + w]     # means of shifted values
+                p, q, t = tmp[:, :m]
+                cv2.multiply(mx, my, dst=p)
+                cv2.addWeighted(mxy, 2, p, -2, c2, dst=mxy)                # 2 cov + c2
+                cv2.multiply(mx, mx, dst=q)
+                cv2.accumulateSquare(my, q)                                # mx^2 + my^2
+                cv2.addWeighted(mxx, 1, myy, 1, c2, dst=mxx)
+                cv2.subtract(mxx, q, dst=mxx)                              # vx + vy + c2
+                cv2.addWeighted(mx, 2 * s, my, 2 * s, 2 * s * s + c1, dst=t)
+                cv2.addWeighted(p, 2, t, 1, 0, dst=p)                      # 2 ux uy + c1 (unshifted means)
+                cv2.add(q, t, dst=q)                                       # ux^2 + uy^2 + c1
+                cv2.multiply(p, mxy, dst=p)
+                cv2.multiply(q, mxx, dst=q)
+                cv2.divide(p, q, dst=o[a:e])
     return out
 
 

@@ -210,10 +210,13 @@ def test_rerun_skips_force_redoes_and_changed_settings_or_inputs_rescan(ray_sess
 
 
 def test_pool_shape_defaults_and_gpu_check():
-    assert _pool_shape(ScanOptions(), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 2, 1)
-    assert _pool_shape(ScanOptions(workers=1), {"CPU": 2}) == _Shape(1, 0.0, 2.0, 2, 1)
-    assert _pool_shape(ScanOptions(), {"CPU": 16, "GPU": 4}) == _Shape(4, 1.0, 4.0, 3, 2)
-    assert _pool_shape(ScanOptions(workers=2, depth=3), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 3, 1)
-    assert _pool_shape(ScanOptions(depth=1, concurrency=2), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 2, 2)
+    # (workers, GPUs and CPUs per actor, depth, concurrency, computing slots, threads per slot)
+    assert _pool_shape(ScanOptions(), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 3, 2, 1, 1)
+    assert _pool_shape(ScanOptions(workers=1), {"CPU": 2}) == _Shape(1, 0.0, 2.0, 4, 3, 2, 1)
+    assert _pool_shape(ScanOptions(workers=1, concurrency=1), {"CPU": 2}) == _Shape(1, 0.0, 2.0, 2, 1, 1, 2)
+    assert _pool_shape(ScanOptions(workers=2, cpus_per_worker=4), {"CPU": 8}) == _Shape(2, 0.0, 4.0, 6, 5, 4, 1)
+    assert _pool_shape(ScanOptions(), {"CPU": 16, "GPU": 4}) == _Shape(4, 1.0, 4.0, 3, 2, 1, 4)
+    assert _pool_shape(ScanOptions(workers=2, depth=3), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 3, 2, 1, 1)
+    assert _pool_shape(ScanOptions(depth=1, concurrency=1), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 1, 1, 1, 1)
     with pytest.raises(ValueError, match="GPUs"):
         _pool_shape(ScanOptions(gpus_per_worker=1), {"CPU": 2})

@@ -71,3 +71,32 @@ def test_resize_keeps_range():
     out = resize_image(img, 256)
     assert out.shape == (256, 256) and out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
     assert resize_image(img, None) is img
+
+
+def test_peek_shape_reads_the_header_only(tmp_path):
+    import io as _io
+
+    import tifffile as _tf
+    from PIL import Image as _Image
+
+    from ray_inspect.images import decode_raw, peek_shape
+
+    rng = np.random.default_rng(0)
+    cases = {
+        "g.png": rng.integers(0, 255, (37, 53), dtype=np.uint8),
+        "c.jpg": rng.integers(0, 255, (40, 30, 3), dtype=np.uint8),
+        "i.tiff": rng.random((33, 21, 3)).astype(np.float32),
+        "p.tiff": rng.integers(0, 65535, (3, 25, 19), dtype=np.uint16),     # planar RGB
+        "m.tiff": rng.integers(0, 255, (27, 31), dtype=np.uint8),
+    }
+    for name, arr in cases.items():
+        buf = _io.BytesIO()
+        if name.endswith(".tiff"):
+            _tf.imwrite(buf, arr, photometric="rgb" if arr.ndim == 3 else "minisblack",
+                        planarconfig="separate" if name == "p.tiff" else None)
+        else:
+            _Image.fromarray(arr).save(buf, format="PNG" if name.endswith(".png") else "JPEG")
+        data = buf.getvalue()
+        assert peek_shape(data, name) == decode_raw(data, name).shape[:2], name
+        assert peek_shape(data[:10], name) is None or name.endswith(".jpg")
+    assert peek_shape(b"", "x.png") is None and peek_shape(b"not an image", "x.tiff") is None

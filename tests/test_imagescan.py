@@ -94,3 +94,61 @@ def test_large_residuals_spool_through_a_file(tmp_path, monkeypatch):
     res = tifffile.imread(output_urls(str(tmp_path / "out"), "a")["residual"])
     assert res.shape == (200, 150) and float(res.max()) == np.float16(record["score"])
     assert not list((tmp_path / "out").glob("**/.tmp-*")) and not list((tmp_path / "out").glob("**/*.tmp-*"))
+
+
+class _Counting:
+    """A semaphore that remembers how many held it at once."""
+
+    def __init__(self, n):
+        import threading
+
+        self.sem, self.lock, self.now, self.most, self.taken = threading.Semaphore(n), threading.Lock(), 0, 0, 0
+
+    def __enter__(self):
+        self.sem.acquire()
+        with self.lock:
+            self.now += 1
+            self.taken += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.now -= 1
+        self.sem.release()
+
+
+def test_images_scanned_at_once_in_threads_equal_one_at_a_time(tmp_path):
+    """Two images computing at once in one process (an actor's slots): same outputs and records as
+    sequential scans; large images hold the gate one at a time from decoding to writing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    rng = np.random.default_rng(4)
+    sizes = [(300, 260), (180, 400), (260, 300), (150, 150)]
+    samples = []
+    for i, (h, w) in enumerate(sizes):
+        _write_png(tmp_path / "src" / f"{i}.png", (rng.random((h, w)) * 255).astype(np.uint8))
+        samples.append(Sample(str(tmp_path / "src" / f"{i}.png"), f"{i}.png"))
+    cfg = ModelConfig()
+    card = ModelCard(model=cfg, resize=None, threshold=0.7)
+    insp = Inspector(build_model(cfg), card, InspectConfig(precision="float32", region_pixels=60_000))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = [scan_image(insp, s, str(i), str(tmp_path / "alone"), "fp")[0] for i, s in enumerate(samples)]
+        lock, large = _Counting(2), _Counting(1)
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda a: scan_image(insp, a[1], str(a[0]), str(tmp_path / "together"), "fp",
+                                                          lock=lock, large=large)[0], enumerate(samples)))
+    finally:
+        torch.set_num_threads(threads)
+    assert large.taken == 3 and large.most == 1           # 300x260, 180x400, 260x300 exceed 60,000 pixels
+    assert lock.most <= 2 and lock.taken == sum(r["bands"] + 1 for r in alone)   # each band, then the end
+    for a, b in zip(alone, together):
+        for key in ("score", "flagged_pixels", "regions", "tiles", "bands", "height", "width"):
+            assert a[key] == b[key], key
+        ua, ub = output_urls(str(tmp_path / "alone"), a["stem"]), output_urls(str(tmp_path / "together"), b["stem"])
+        for kind in ("mask", "residual"):
+            assert open(ua[kind], "rb").read() == open(ub[kind], "rb").read(), kind
+    assert alone[3]["tiles"] == 4          # 150 px: windows at 0 and 22 each way, whatever else ran meanwhile
