@@ -2,11 +2,12 @@
 
 1. bare model forward: tiles/s of the network alone on ready-made tiles (same batch, same precision),
    the fastest way on these cores: one single-threaded process per core, run at once;
-2. end-to-end ``scan`` on Ray actors (1 actor with all CPUs, then as many actors as CPUs) of a local
-   archive of 1024x1024 PNGs: list, read, tile, model, average, SSIM, threshold, opening, write;
+2. end-to-end ``scan`` on Ray actors (1 actor on 1 CPU, one actor per CPU, 1 actor on all CPUs) of
+   a local archive of 1024x1024 PNGs: list, read, tile, model, average, SSIM, threshold, opening, write;
    the steady rate runs, per actor, from its first finished image to its last (actor start-up
    excluded; records carry the worker and the time), the wall rate includes everything;
-3. a naive loop: one tile at a time in float32, averaging in Python, skimage's SSIM.
+3. a naive loop: one tile at a time in float32, averaging in Python, skimage's SSIM (on one CPU and
+   on all of them, each pool compared with the loop on as many CPUs).
 Prints a JSON object; docs/benchmarks.md records the figures with machine and date.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from datetime import date
@@ -113,74 +115,71 @@ def main() -> None:
     # a production-like threshold: pixel FPR 1e-4 on these (defect-free) images
     calibrate(url, src, fpr=1e-4, cfg=cfg)
 
-    # The machine's speed drifts by +-10 % over seconds, so bare and end-to-end runs alternate and
-    # each round gives a ratio; the median round is reported.
     cpus = os.cpu_count()
     ensure_ray(num_cpus=cpus)
     tiles = tiles_for(1024, 1024)
 
-    def run_scan(out: str, workers: int) -> dict:
+    def run_scan(out: str, workers: int, cpus_per_worker: int) -> dict:
         """Steady rate: per actor, images after its first over the time from its first record to
         its last (actor start-up, model loading and the listing excluded); summed over actors."""
         t0 = time.perf_counter()
-        summary = scan(url, src, out, cfg, options=ScanOptions(workers=workers, depth=a.depth, force=True))
+        summary = scan(url, src, out, cfg, options=ScanOptions(workers=workers, cpus_per_worker=cpus_per_worker,
+                                                               depth=a.depth, force=True))
         wall = time.perf_counter() - t0
         done: dict[str, list[float]] = {}
         for name in os.listdir(os.path.join(out, "records")):
             rec = json.load(open(os.path.join(out, "records", name)))
             done.setdefault(rec["worker"], []).append(rec["finished"])
         rate = sum((len(t) - 1) / (max(t) - min(t)) for t in done.values() if len(t) > 1)
-        return {"images": summary["scanned"], "actors": len(done), "wall_s": round(wall, 3),
+        return {"images": summary["scanned"], "actors": len(done), "cpus_per_actor": cpus_per_worker,
+                "compute_slots": summary["compute_slots"], "wall_s": round(wall, 3),
                 "tiles_per_s": round(rate * tiles, 1), "megapixels_per_s": round(rate * 1024 * 1024 / 1e6, 3),
                 "wall_tiles_per_s": round(summary["scanned"] * tiles / wall, 1)}
 
-    run_scan(os.path.join(work, "warm"), 1)               # warm-up (page cache, allocator, Ray workers)
-    # The reference is the fastest bare forward on these cores: one single-threaded process per
-    # core (one process with a thread per core is ~10 % slower, reported for information). The
-    # machine's speed drifts over seconds, so every scan is bracketed by reference runs (before
-    # and after; their mean is the scan's reference) and each round gives a ratio per pool.
+    run_scan(os.path.join(work, "warm"), 1, 1)            # warm-up (page cache, allocator, Ray workers)
+    # Pools: 1 actor on 1 CPU, one actor per CPU (the default), 1 actor on all CPUs. The reference of
+    # each is the fastest bare forward on its CPUs: one single-threaded process per CPU at once (one
+    # process with a thread per CPU is ~10 % slower; reported for information). The machine's speed
+    # drifts over seconds, so every scan is bracketed by reference runs (the mean of the one before
+    # and the one after) and each round gives a ratio per pool; the median round is reported.
+    pools = {"1_actor_1_cpu": (1, 1), f"{cpus}_actors_1_cpu": (cpus, 1), f"1_actor_{cpus}_cpus": (1, cpus)}
     rounds = []
     for r in range(a.rounds):
         torch.set_num_threads(cpus)
-        threaded = bare_forward(load_model(url), a.batch_size, a.precision, seconds=4.0)
-        b0 = bare_forward_processes(url, cpus, a.batch_size, a.precision)
-        one = run_scan(os.path.join(work, f"one{r}"), 1)
-        b1 = bare_forward_processes(url, cpus, a.batch_size, a.precision)
-        many = run_scan(os.path.join(work, f"many{r}"), cpus)
-        b2 = bare_forward_processes(url, cpus, a.batch_size, a.precision)
-        ref_one, ref_many = (b0 + b1) / 2, (b1 + b2) / 2
-        rounds.append({"bare_threaded": threaded, "bare": ref_one, "bare_many": ref_many, "one": one, "many": many,
-                       "ratio": one["tiles_per_s"] / ref_one, "ratio_many": many["tiles_per_s"] / ref_many,
-                       "ratio_threaded": one["tiles_per_s"] / threaded})
+        rnd = {"bare_1_process_threaded": bare_forward(load_model(url), a.batch_size, a.precision, seconds=4.0)}
+        refs: dict[int, float] = {}
+        for name, (workers, per) in pools.items():
+            n = workers * per
+            before = refs.get(n) or bare_forward_processes(url, n, a.batch_size, a.precision)
+            res = run_scan(os.path.join(work, f"{name}-{r}"), workers, per)
+            refs[n] = bare_forward_processes(url, n, a.batch_size, a.precision)
+            res["bare_tiles_per_s"] = round((before + refs[n]) / 2, 1)
+            res["ratio"] = round(res["tiles_per_s"] / res["bare_tiles_per_s"], 3)
+            rnd[name] = res
+        rnd[f"1_actor_{cpus}_cpus"]["ratio_to_threaded_bare"] = round(
+            rnd[f"1_actor_{cpus}_cpus"]["tiles_per_s"] / rnd["bare_1_process_threaded"], 3)
+        rounds.append(rnd)
+        print(json.dumps({k: v["ratio"] for k, v in rnd.items() if isinstance(v, dict)}), file=sys.stderr, flush=True)
 
-    def median_round(key):
-        return sorted(rounds, key=lambda d: d[key])[len(rounds) // 2]
+    def median_round(name):
+        return sorted(rounds, key=lambda d: d[name]["ratio"])[len(rounds) // 2][name]
 
-    mid, mid_many = median_round("ratio"), median_round("ratio_many")
     img = read_image(os.path.join(src, "000.png"))
-    torch.set_num_threads(cpus)
-    naive_s = naive_loop(load_model(url).eval(), img)
-    per_image = tiles / mid["one"]["tiles_per_s"]
-    per_image_many = tiles / mid_many["many"]["tiles_per_s"]
+    naive_s = {}                                          # on one CPU and on all of them
+    for n in (1, cpus):
+        torch.set_num_threads(n)
+        naive_s[n] = naive_loop(load_model(url).eval(), img)
     result = {
         "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
         f"{cpus} cores, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})",
         "batch_size": a.batch_size, "precision": a.precision, "depth": a.depth, "image": "1024x1024", "images": a.images,
-        "tiles_per_image": tiles,
-        f"bare_forward_{cpus}_processes_tiles_per_s": round(mid_many["bare_many"], 1),
-        f"bare_forward_1_process_{cpus}_threads_tiles_per_s": round(median_round("ratio_threaded")["bare_threaded"], 1),
-        "actors_1": mid["one"], f"actors_{cpus}": mid_many["many"],
-        "ratio_1_actor_to_bare": round(mid["ratio"], 3), f"ratio_{cpus}_actors_to_bare": round(mid_many["ratio_many"], 3),
-        "ratio_1_actor_to_bare_threaded": round(median_round("ratio_threaded")["ratio_threaded"], 3),
-        "round_ratios_1_actor": [round(d["ratio"], 3) for d in rounds],
-        f"round_ratios_{cpus}_actors": [round(d["ratio_many"], 3) for d in rounds],
-        "rounds": [{"bare_1_actor": round(d["bare"], 1), "actors_1": d["one"]["tiles_per_s"],
-                    f"bare_{cpus}_actors": round(d["bare_many"], 1), f"actors_{cpus}": d["many"]["tiles_per_s"],
-                    f"bare_1_process_{cpus}_threads": round(d["bare_threaded"], 1)}
-                   for d in rounds],
-        "naive_seconds_per_image": round(naive_s, 2), "scan_seconds_per_image": round(per_image, 3),
-        "speedup_vs_naive": round(naive_s / per_image, 1),
-        f"speedup_vs_naive_{cpus}_actors": round(naive_s / per_image_many, 1),
+        "tiles_per_image": tiles, "rounds": a.rounds,
+        "pools": {name: {**median_round(name), "round_ratios": [d[name]["ratio"] for d in rounds]} for name in pools},
+        "bare_1_process_threaded_tiles_per_s": [round(d["bare_1_process_threaded"], 1) for d in rounds],
+        "naive_seconds_per_image": {f"{n}_threads": round(v, 2) for n, v in naive_s.items()},
+        "speedup_vs_naive_on_the_same_cpus": {
+            name: round(naive_s[w * per] * median_round(name)["tiles_per_s"] / tiles, 1)
+            for name, (w, per) in pools.items()},
     }
     print(json.dumps(result, indent=2))
 

@@ -225,7 +225,10 @@ class _Progress:
 @click.option("--gpus-per-worker", type=click.FloatRange(0), default=None,
               help="GPUs per actor (default: 1 when the cluster has GPUs, else 0).")
 @click.option("--cpus-per-worker", type=click.FloatRange(1), default=None,
-              help="CPUs per actor, also its threads (default: the cluster's CPUs shared by the actors).")
+              help="CPUs per actor (default: the cluster's CPUs shared by the actors).")
+@click.option("--concurrency", type=click.IntRange(1), default=None,
+              help="Images an actor works on at once (default: one computing per CPU, or one per GPU, plus "
+                   "one reading or writing); 1 gives one image at a time all of the actor's CPUs.")
 @click.option("--region-pixels", type=click.IntRange(1), default=InspectConfig.region_pixels, show_default=True,
               help="Images with more pixels are processed in bands of about this many (bounded memory).")
 @click.option("--force", is_flag=True, help="Redo images whose outputs are already complete.")
@@ -233,7 +236,7 @@ class _Progress:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def scan(ctx, model, source, out, stride, precision, batch_size, threshold, workers, gpus_per_worker,
-         cpus_per_worker, region_pixels, force, address, as_json):
+         cpus_per_worker, concurrency, region_pixels, force, address, as_json):
     """Scan SOURCE (MVTec root, folder or s3:// prefix) with MODEL on Ray actors into OUT.
 
     Rerunning the same command resumes: images whose outputs are complete for the same model and
@@ -249,7 +252,7 @@ def scan(ctx, model, source, out, stride, precision, batch_size, threshold, work
     import logging
 
     options = ScanOptions(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                          force=force, address=address)
+                          concurrency=concurrency, force=force, address=address)
     cfg = replace(_inspect_cfg(stride, precision, batch_size), region_pixels=region_pixels)
     tel = ctx.find_root().obj["telemetry"]
     json_logs = tel.cfg.log_format == "json"
