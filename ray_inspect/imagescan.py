@@ -13,6 +13,7 @@ scan actors call ``scan_image``, and so can a test or a notebook.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -105,11 +106,25 @@ def scan_image(inspector: Inspector, sample: Sample, stem: str, out: str, finger
     t0 = time.perf_counter()
     data = fetch(sample.url)
     shape = peek_shape(data, sample.url)
-    gate = large if large is not None and shape is not None and inspector.is_large(*shape) else None
-    with gate or contextlib.nullcontext():
-        img = inspector.read(sample, data)
-        del data
-        return _scan(inspector, sample, img, stem, out, fingerprint, metrics_cfg, lock, time.perf_counter() - t0)
+    big = shape is not None and inspector.is_large(*shape)
+    with (large if big and large is not None else contextlib.nullcontext()):
+        try:
+            img = inspector.read(sample, data)
+            del data
+            return _scan(inspector, sample, img, stem, out, fingerprint, metrics_cfg, lock, time.perf_counter() - t0)
+        finally:
+            if big:
+                img = None
+                _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Return the allocator's free memory to the system after a large image, so that an actor does
+    not keep that image's peak resident while it goes on with others."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc
+        pass
 
 
 def _scan(inspector: Inspector, sample: Sample, img: LoadedImage, stem: str, out: str, fingerprint: str,
