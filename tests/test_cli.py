@@ -44,8 +44,10 @@ def test_synth_scan_report_json(trained_model, dataset, tmp_path):
     shutil.copytree(trained_model, model)
     res = runner.invoke(main, ["calibrate", str(model), dataset, "--fpr", "0.001", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["rule"] == "fpr"
-    res = runner.invoke(main, ["scan", str(model), dataset, str(tmp_path / "out"), "--json"])
+    res = runner.invoke(main, ["scan", str(model), dataset, str(tmp_path / "out"), "--concurrency", "1", "--json"])
     assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert (summary["concurrency"], summary["compute_slots"], summary["depth"]) == (1, 1, 2)
     res = runner.invoke(main, ["report", str(tmp_path / "out"), "--json", "--worst", "1"])
     data = json.loads(res.stdout)
     assert res.exit_code == 0 and {"pixel_auroc", "au_pro", "image_auroc"} <= set(data)
