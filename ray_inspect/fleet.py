@@ -233,15 +233,15 @@ def _pool_shape(options: ScanOptions, resources: dict) -> _Shape:
     return _Shape(workers, per_gpu, per_cpu, depth, concurrency, slots, threads)
 
 
-def _actor_env(slots: int) -> dict:
-    """The actors' environment (merged into the job's). An actor computing one image at a time gets
-    one glibc malloc arena: its images take turns on two threads, and memory freed on one thread
-    otherwise stays in that thread's arena while the next image allocates afresh on the other (two
-    16,384² images through one actor: 1.63 GiB peak with per-thread arenas, 1.33 with one). Actors
-    computing several images at once keep glibc's arena per thread: with one arena their threads
-    wait on each other's allocations (0.84 -> 0.67 of the bare rate). A MALLOC_ARENA_MAX of the
-    user's wins."""
-    if slots > 1 or "MALLOC_ARENA_MAX" in os.environ:
+def _actor_env(shape: _Shape) -> dict:
+    """The actors' environment (merged into the job's). A CPU actor computing one image at a time on
+    one thread gets one glibc malloc arena: its images take turns on two threads, and memory freed
+    on one thread otherwise stays in that thread's arena while the next image allocates afresh on
+    the other (two 16,384² images through one actor: 1.63 GiB peak with per-thread arenas, 1.33
+    with one). Actors with several computing threads keep glibc's arena per thread: with one arena
+    their threads wait on each other's allocations (two slots: 0.84 -> 0.67 of the bare rate).
+    A MALLOC_ARENA_MAX of the user's wins."""
+    if shape.gpus or shape.slots * shape.threads > 1 or "MALLOC_ARENA_MAX" in os.environ:
         return {}
     return {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
 
@@ -260,10 +260,14 @@ class _Pool:
         self.inflight: dict = {}                                     # ref -> (actor, generation, item)
 
     def fill(self, queue: deque) -> None:
-        for a, actor in enumerate(self.actors):
-            while queue and self.busy[a] < self.depth:
+        """One image per actor per pass, so a short queue spreads over all actors."""
+        while queue:
+            free = [a for a in range(len(self.actors)) if self.busy[a] < self.depth]
+            if not free:
+                return
+            for a in free[: len(queue)]:
                 item = queue.popleft()
-                self.inflight[actor.scan.remote(item.sample, item.stem)] = (a, self.generation[a], item)
+                self.inflight[self.actors[a].scan.remote(item.sample, item.stem)] = (a, self.generation[a], item)
                 self.busy[a] += 1
 
     def results(self, timeout: float = 1.0):
@@ -332,7 +336,7 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
                      "images_total": len(samples), "to_scan": len(queue), "skipped": len(complete)})
     try:
         remote = ray.remote(ScanActor).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=shape.concurrency,
-                                               max_restarts=0, runtime_env=_actor_env(shape.slots))
+                                               max_restarts=0, runtime_env=_actor_env(shape))
         pool = _Pool(remote, (model_url, cfg, threshold, out, fingerprint, metrics_cfg, shape.threads, shape.slots),
                      workers if queue else 0, depth)
         telemetry.actors(len(pool.actors))

@@ -183,7 +183,7 @@ def _ssim_strips(x: torch.Tensor, y: torch.Tensor, cfg: SSIMConfig, c1: float, c
     hp, wp = min(h, rows) + 2 * r, w + 2 * r
     prod = np.empty((3, hp, wp), k.dtype)            # x^2, y^2, xy of a strip
     blur = np.empty((5, hp, wp), k.dtype)            # the blurred planes (valid part used)
-    tmp = np.empty((3, min(h, rows), w), k.dtype)
+    tmp = np.empty((2, min(h, rows), w), k.dtype)
     for b in range(n):
         for ch in range(c):
             # symmetric padding (OpenCV's BORDER_REFLECT), shifted by the constant
@@ -201,16 +201,24 @@ def _ssim_strips(x: torch.Tensor, y: torch.Tensor, cfg: SSIMConfig, c1: float, c
                 for i, plane in enumerate((xs, ys, prod[0, :hh], prod[1, :hh], prod[2, :hh])):
                     cv2.sepFilter2D(plane, -1, k, k, dst=blur[i, :hh], borderType=cv2.BORDER_CONSTANT)
                 mx, my, mxx, myy, mxy = blur[:, r : r + m, r : r + w]     # means of shifted values
-                p, q, t = tmp[:, :m]
+                p, q = tmp[:, :m]
                 cv2.multiply(mx, my, dst=p)
-                cv2.addWeighted(mxy, 2, p, -2, c2, dst=mxy)                # 2 cov + c2
+                # constants are added last (beside ~0.25 terms they would lose their digits), with
+                # addWeighted(x, 1, x, 0, c): 2x numpy's += on these strided views
+                cv2.addWeighted(mxy, 2, p, -2, 0, dst=mxy)
+                cv2.addWeighted(mxy, 1, mxy, 0, c2, dst=mxy)               # 2 cov + c2
                 cv2.multiply(mx, mx, dst=q)
-                cv2.accumulateSquare(my, q)                                # mx^2 + my^2
-                cv2.addWeighted(mxx, 1, myy, 1, c2, dst=mxx)
-                cv2.subtract(mxx, q, dst=mxx)                              # vx + vy + c2
-                cv2.addWeighted(mx, 2 * s, my, 2 * s, 2 * s * s + c1, dst=t)
-                cv2.addWeighted(p, 2, t, 1, 0, dst=p)                      # 2 ux uy + c1 (unshifted means)
-                cv2.add(q, t, dst=q)                                       # ux^2 + uy^2 + c1
+                cv2.accumulateSquare(my, q)
+                cv2.add(mxx, myy, dst=mxx)
+                cv2.subtract(mxx, q, dst=mxx)
+                cv2.addWeighted(mxx, 1, mxx, 0, c2, dst=mxx)               # vx + vy + c2
+                cv2.addWeighted(mx, 1, mx, 0, s, dst=mx)                   # the means themselves
+                cv2.addWeighted(my, 1, my, 0, s, dst=my)
+                cv2.multiply(mx, my, dst=p, scale=2)
+                cv2.addWeighted(p, 1, p, 0, c1, dst=p)                     # 2 ux uy + c1
+                cv2.multiply(mx, mx, dst=q)
+                cv2.accumulateSquare(my, q)
+                cv2.addWeighted(q, 1, q, 0, c1, dst=q)                     # ux^2 + uy^2 + c1
                 cv2.multiply(p, mxy, dst=p)
                 cv2.multiply(q, mxx, dst=q)
                 cv2.divide(p, q, dst=o[a:e])

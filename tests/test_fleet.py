@@ -21,7 +21,7 @@ from ray_inspect.artifact import read_card
 from ray_inspect.config import InspectConfig, MetricsConfig, SynthConfig
 from ray_inspect.datasets import list_samples
 from ray_inspect.evaluation import Evaluation
-from ray_inspect.fleet import EXIT_OK, ScanOptions, _pool_shape, _Shape, scan, scan_fingerprint
+from ray_inspect.fleet import EXIT_OK, ScanOptions, _actor_env, _Pool, _pool_shape, _Shape, scan, scan_fingerprint
 from ray_inspect.imagescan import output_stems, output_urls, scan_image
 from ray_inspect.pipeline import Inspector
 
@@ -220,3 +220,31 @@ def test_pool_shape_defaults_and_gpu_check():
     assert _pool_shape(ScanOptions(depth=1, concurrency=1), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 1, 1, 1, 1)
     with pytest.raises(ValueError, match="GPUs"):
         _pool_shape(ScanOptions(gpus_per_worker=1), {"CPU": 2})
+
+
+def test_one_malloc_arena_only_for_one_thread_cpu_actors(monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert _actor_env(_pool_shape(ScanOptions(), {"CPU": 2})) == {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
+    assert _actor_env(_pool_shape(ScanOptions(workers=1), {"CPU": 2})) == {}                  # 2 slots
+    assert _actor_env(_pool_shape(ScanOptions(workers=1, concurrency=1), {"CPU": 2})) == {}   # 2 threads
+    assert _actor_env(_pool_shape(ScanOptions(), {"CPU": 4, "GPU": 4})) == {}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert _actor_env(_pool_shape(ScanOptions(), {"CPU": 2})) == {}
+
+
+def test_pool_fill_spreads_a_short_queue_over_all_actors():
+    from collections import deque
+    from types import SimpleNamespace
+
+    def actor(name):
+        return SimpleNamespace(scan=SimpleNamespace(remote=lambda sample, stem: (name, stem)))
+
+    pool = object.__new__(_Pool)
+    pool.actors, pool.depth = [actor(i) for i in range(4)], 3
+    pool.generation, pool.busy, pool.inflight = [0] * 4, [0] * 4, {}
+    queue = deque(SimpleNamespace(sample=None, stem=str(i)) for i in range(6))
+    pool.fill(queue)
+    assert pool.busy == [2, 2, 1, 1] and not queue
+    queue.extend(SimpleNamespace(sample=None, stem=str(i)) for i in range(6, 20))
+    pool.fill(queue)
+    assert pool.busy == [3, 3, 3, 3] and len(queue) == 8 and len(pool.inflight) == 12

@@ -125,7 +125,7 @@ def test_images_scanned_at_once_in_threads_equal_one_at_a_time(tmp_path):
     import torch
 
     rng = np.random.default_rng(4)
-    sizes = [(300, 260), (180, 400), (260, 300), (150, 150)]
+    sizes = [(300, 260), (180, 400), (260, 300), (150, 150), (100, 90)]
     samples = []
     for i, (h, w) in enumerate(sizes):
         _write_png(tmp_path / "src" / f"{i}.png", (rng.random((h, w)) * 255).astype(np.uint8))
@@ -133,10 +133,23 @@ def test_images_scanned_at_once_in_threads_equal_one_at_a_time(tmp_path):
     cfg = ModelConfig()
     card = ModelCard(model=cfg, resize=None, threshold=0.7)
     insp = Inspector(build_model(cfg), card, InspectConfig(precision="float32", region_pixels=60_000))
+    run = insp.reconstructor._forward
+    ran = []
+
+    def counting(tiles):
+        ran.append(len(tiles))
+        return run(tiles)
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        alone = [scan_image(insp, s, str(i), str(tmp_path / "alone"), "fp")[0] for i, s in enumerate(samples)]
+        alone = []
+        for i, s in enumerate(samples):
+            ran.clear()
+            insp.reconstructor._forward = counting
+            alone.append(scan_image(insp, s, str(i), str(tmp_path / "alone"), "fp")[0])
+            del insp.reconstructor._forward
+            assert alone[-1]["tiles"] == sum(ran) > 0, sizes[i]   # the record counts the windows run
         lock, large = _Counting(2), _Counting(1)
         with ThreadPoolExecutor(3) as pool:
             together = list(pool.map(lambda a: scan_image(insp, a[1], str(a[0]), str(tmp_path / "together"), "fp",
@@ -144,11 +157,11 @@ def test_images_scanned_at_once_in_threads_equal_one_at_a_time(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert large.taken == 3 and large.most == 1           # 300x260, 180x400, 260x300 exceed 60,000 pixels
-    assert lock.most <= 2 and lock.taken == sum(r["bands"] + 1 for r in alone)   # each band, then the end
+    assert lock.most == 2 and lock.taken == sum(r["bands"] + 1 for r in alone)   # each band, then the end
     for a, b in zip(alone, together):
         for key in ("score", "flagged_pixels", "regions", "tiles", "bands", "height", "width"):
             assert a[key] == b[key], key
         ua, ub = output_urls(str(tmp_path / "alone"), a["stem"]), output_urls(str(tmp_path / "together"), b["stem"])
         for kind in ("mask", "residual"):
             assert open(ua[kind], "rb").read() == open(ub[kind], "rb").read(), kind
-    assert alone[3]["tiles"] == 4          # 150 px: windows at 0 and 22 each way, whatever else ran meanwhile
+    assert alone[3]["tiles"] == 4 and alone[4]["tiles"] == 1   # 150 px: windows at 0 and 22; 100 px: padded to one
