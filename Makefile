@@ -39,8 +39,9 @@ demo: install
 test: install prometheus-tools
 	$(PY) -m pytest -q
 
-test-fast: install prometheus-tools
-	$(PY) -m pytest -q -m "not slow"
+# Unit tests only: no Ray, no S3 server, no Prometheus (a minute or two).
+test-fast: install
+	$(PY) -m pytest -q tests/unit
 
 # Speed and memory benchmarks (minutes each); docs/benchmarks.md records their figures.
 bench: install

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ray_inspect.artifact import ModelCard, save_model
-from ray_inspect.config import InspectConfig, ModelConfig, SynthConfig
-from ray_inspect.fleet import ScanOptions, scan
-from ray_inspect.images import read_image
-from ray_inspect.model import ConvAE
-from ray_inspect.synth import generate
+from ray_inspect.config import InspectConfig, ModelConfig, ScanOptions, SynthConfig
+from ray_inspect.core.model import ConvAE
+from ray_inspect.distributed.scan import scan
+from ray_inspect.io.artifact import ModelCard, save_model
+from ray_inspect.io.images import read_image
+from ray_inspect.io.synth import generate
 
 
 def big_image(work: str, side: int) -> str:

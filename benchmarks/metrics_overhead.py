@@ -1,6 +1,6 @@
 """Scan throughput with metrics on vs off (issue: within 3 %), as ratios within one run.
 
-The same Ray scan (``ray_inspect.fleet.scan``) runs with telemetry off (the no-op recorder) and on
+The same Ray scan (``ray_inspect.distributed.scan.scan``) runs with telemetry off (the no-op recorder) and on
 (a live metrics port scraped every second, as Prometheus would, plus the per-image counters and
 histograms). Rounds alternate off/on/on/off/... so that drift of the machine's speed cancels; each
 pair gives a ratio and the median pair is reported. Throughput counts from the first finished image
@@ -23,13 +23,13 @@ from datetime import date
 import torch
 from prometheus_client import CollectorRegistry
 
-from ray_inspect.artifact import ModelCard, save_model
-from ray_inspect.config import InspectConfig, ModelConfig, SynthConfig
-from ray_inspect.fleet import ScanOptions, scan
-from ray_inspect.model import ConvAE
-from ray_inspect.raycluster import ensure_ray
-from ray_inspect.synth import generate
-from ray_inspect.telemetry import Telemetry, TelemetryConfig
+from ray_inspect.config import InspectConfig, ModelConfig, ScanOptions, SynthConfig, TelemetryConfig
+from ray_inspect.core.model import ConvAE
+from ray_inspect.distributed.cluster import ensure_ray
+from ray_inspect.distributed.scan import scan
+from ray_inspect.io.artifact import ModelCard, save_model
+from ray_inspect.io.synth import generate
+from ray_inspect.telemetry import Telemetry
 
 
 def free_port() -> int:

@@ -13,10 +13,10 @@ import numpy as np
 
 from ray_inspect import load_model
 from ray_inspect.config import InspectConfig
-from ray_inspect.inference import prepare_model
-from ray_inspect.datasets import list_samples
-from ray_inspect.metrics import PixelROC
-from ray_inspect.pipeline import Inspector
+from ray_inspect.core.inference import prepare_model
+from ray_inspect.core.metrics import PixelROC
+from ray_inspect.io.datasets import list_samples
+from ray_inspect.steps.inspector import Inspector
 
 
 def main(model_url: str, dataset: str, limit: int = 30) -> None:

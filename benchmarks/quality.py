@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from ray_inspect.calibrate import calibrate
-from ray_inspect.config import InspectConfig, ModelConfig, PrepareConfig, SynthConfig, TrainConfig
-from ray_inspect.model import AlexNetFeatures
-from ray_inspect.patches import prepare
-from ray_inspect.fleet import scan
-from ray_inspect.synth import generate
-from ray_inspect.raytrain import RunConfig, fit
+from ray_inspect.config import ModelConfig, PrepareConfig, RunConfig, SynthConfig, TrainConfig
+from ray_inspect.core.model import AlexNetFeatures
+from ray_inspect.distributed.scan import scan
+from ray_inspect.distributed.train import fit
+from ray_inspect.io.patches import prepare
+from ray_inspect.io.synth import generate
+from ray_inspect.steps.calibrate import calibrate
 
 
 def main() -> None:

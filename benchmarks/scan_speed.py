@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from ray_inspect.artifact import ModelCard, load_model, save_model
-from ray_inspect.calibrate import calibrate
-from ray_inspect.config import InspectConfig, ModelConfig, SynthConfig
-from ray_inspect.images import read_image
-from ray_inspect.inference import precision_context, prepare_model, tiles_for
-from ray_inspect.model import ConvAE
-from ray_inspect.fleet import ScanOptions, scan
-from ray_inspect.raycluster import ensure_ray
-from ray_inspect.synth import generate
+from ray_inspect.config import InspectConfig, ModelConfig, ScanOptions, SynthConfig
+from ray_inspect.core.inference import precision_context, prepare_model, tiles_for
+from ray_inspect.core.model import ConvAE
+from ray_inspect.distributed.cluster import ensure_ray
+from ray_inspect.distributed.scan import scan
+from ray_inspect.io.artifact import ModelCard, load_model, save_model
+from ray_inspect.io.images import read_image
+from ray_inspect.io.synth import generate
+from ray_inspect.steps.calibrate import calibrate
 
 
 def bare_forward(model, batch: int, precision: str, seconds: float = 8.0) -> float:

@@ -16,12 +16,12 @@ from datetime import date
 
 import torch
 
-from ray_inspect.config import ModelConfig, PrepareConfig, SynthConfig, TrainConfig
-from ray_inspect.patches import open_patches, prepare
-from ray_inspect.raycluster import ensure_ray
-from ray_inspect.raytrain import RunConfig, fit
-from ray_inspect.synth import generate
-from ray_inspect.train import PatchBatches, build, train_epoch
+from ray_inspect.config import ModelConfig, PrepareConfig, RunConfig, SynthConfig, TrainConfig
+from ray_inspect.distributed.cluster import ensure_ray
+from ray_inspect.distributed.train import fit
+from ray_inspect.io.patches import open_patches, prepare
+from ray_inspect.io.synth import generate
+from ray_inspect.steps.training import PatchBatches, build, train_epoch
 
 
 def plain_loop(patches: str, cfg: TrainConfig) -> list[float]:

@@ -8,17 +8,26 @@ import sys
 
 import click
 
-from .config import LOSSES, PRECISIONS, InspectConfig, ModelConfig, PrepareConfig, SynthConfig, TrainConfig
-from .raytrain import RunConfig
-from .storage import ENDPOINT_ENV
+from ray_inspect.config import (
+    LOSSES,
+    PRECISIONS,
+    InspectConfig,
+    ModelConfig,
+    PrepareConfig,
+    RunConfig,
+    ScanOptions,
+    SynthConfig,
+    TrainConfig,
+)
+from ray_inspect.io.storage import ENDPOINT_ENV
 
 
 class OneLineErrors(click.Group):
     """Expected failures (bad files, bad URLs, bad settings) end as one line, not a traceback."""
 
     def invoke(self, ctx):
-        from .images import InputError
-        from .storage import StorageError
+        from ray_inspect.io.storage import StorageError
+        from ray_inspect.records import InputError
 
         try:
             return super().invoke(ctx)
@@ -56,7 +65,7 @@ def _emit(data: dict, as_json: bool, text: str) -> None:
 def main(ctx: click.Context, s3_endpoint: str | None, metrics_port: int, metrics_bind: str,
          pushgateway: str | None, log_format: str) -> None:
     """Unsupervised defect segmentation of industrial images (SSIM autoencoder, Bergmann et al. 2019)."""
-    from .telemetry import configure
+    from ray_inspect.telemetry import configure
 
     if s3_endpoint:
         os.environ[ENDPOINT_ENV] = s3_endpoint  # read by storage and passed on to Ray workers
@@ -77,8 +86,8 @@ def main(ctx: click.Context, s3_endpoint: str | None, metrics_port: int, metrics
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def synth(out, texture, n_train, n_test, n_good, n_val, size, seed, as_json):
     """Write a deterministic synthetic woven-fabric data set (MVTec AD layout) under OUT/<texture>."""
-    from . import storage
-    from .synth import generate
+    from ray_inspect.io import storage
+    from ray_inspect.io.synth import generate
 
     results = []
     for tex in texture:
@@ -101,7 +110,7 @@ def synth(out, texture, n_train, n_test, n_good, n_val, size, seed, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):
     """Crop random 128x128 training patches of DATASET into a Zarr v3 array at PATCHES."""
-    from .patches import prepare as run
+    from ray_inspect.io.patches import prepare as run
 
     size = None if resize.lower() == "none" else int(resize)
     cfg = PrepareConfig(patches=n, resize=size, channels=int(channels), chunk=chunk, seed=seed)
@@ -134,8 +143,8 @@ def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):
 def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, precision, alexnet_weights, seed,
           workers, use_gpu, storage, run_name, checkpoint_every, max_failures, address, as_json):
     """Train an autoencoder on PATCHES with Ray Train and write the model directory MODEL."""
-    from .patches import open_patches
-    from .raytrain import fit
+    from ray_inspect.distributed.train import fit
+    from ray_inspect.io.patches import open_patches
 
     if loss == "fm" and not alexnet_weights:
         raise click.UsageError("--loss fm needs --alexnet-weights FILE (ImageNet AlexNet state dict)")
@@ -189,7 +198,7 @@ def _with(options):
 @click.option("--json", "as_json", is_flag=True)
 def calibrate(model, images, min_area, fpr, stride, precision, batch_size, as_json):
     """Set MODEL's threshold from defect-free validation IMAGES (ROOT/validation/good or a folder)."""
-    from .calibrate import calibrate as run
+    from ray_inspect.steps.calibrate import calibrate as run
 
     if (min_area is None) == (fpr is None):
         raise click.UsageError("give exactly one of --min-area or --fpr")
@@ -243,13 +252,11 @@ def scan(ctx, model, source, out, stride, precision, batch_size, threshold, work
     settings are skipped. Exit status: 0 every image scanned, 3 finished with bad inputs (listed in
     OUT/errors.jsonl), 2 the scan could not run.
     """
+    import logging
     from dataclasses import replace
 
-    from .fleet import ScanOptions
-    from .fleet import scan as run
-    from .report import SUMMARY_KEYS, summary_table
-
-    import logging
+    from ray_inspect.distributed.scan import scan as run
+    from ray_inspect.report import SUMMARY_KEYS, summary_table
 
     options = ScanOptions(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                           concurrency=concurrency, force=force, address=address)
@@ -281,7 +288,7 @@ def scan(ctx, model, source, out, stride, precision, batch_size, threshold, work
 @click.option("--json", "as_json", is_flag=True)
 def report(out, worst, as_json):
     """Summarise the scan in OUT: metrics table, roc.png, overlays/ of the worst images."""
-    from .report import SUMMARY_KEYS, summary_table, write_report
+    from ray_inspect.report import SUMMARY_KEYS, summary_table, write_report
 
     rep = write_report(out, worst)
     data = {k: rep[k] for k in SUMMARY_KEYS}

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 LOSSES = ("ssim", "l2", "vae", "fm")
 PRECISIONS = ("float32", "bfloat16")
+LOG_FORMATS = ("text", "json")
+PIPELINE_ENV = "RAY_INSPECT_PIPELINE"
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,58 @@ class SynthConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a training run executes."""
+
+    workers: int = 1
+    use_gpu: bool | None = None       # None: GPUs when the cluster has one per worker
+    checkpoint_every: int = 1         # epochs between checkpoints (the last epoch always checkpoints)
+    max_failures: int = 3             # worker-group restarts from the last checkpoint
+    storage: str | None = None        # run storage (local path or s3://); default ~/.cache/ray-inspect/runs
+    run_name: str | None = None       # default: derived from the inputs, so a rerun resumes
+    address: str | None = None        # Ray cluster to join; default RAY_ADDRESS or a local Ray
+    cpus_per_worker: int | None = None
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """How the scan runs (not what it computes: none of these change an output)."""
+
+    workers: int | None = None            # actors; default one per GPU, else one per CPU
+    gpus_per_worker: float | None = None  # default 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the actors
+    concurrency: int | None = None        # images an actor works on at once; default: one per compute
+                                          # slot plus one that reads or writes (waits on storage) while
+                                          # the others compute
+    depth: int | None = None              # images sent to an actor at once, default concurrency + 1: the
+                                          # next image waits in the actor's queue, so no round trip to
+                                          # the driver separates two images
+    max_attempts: int = 3                 # an image whose actor dies this often is recorded as lost
+    shard_size: int = 256                 # images of the listing per statistics shard
+    force: bool = False                   # redo images whose outputs are complete
+    address: str | None = None            # Ray cluster to join (default RAY_ADDRESS, else local)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """How this process reports: metrics port (0 = off), bind address, Pushgateway, log format."""
+
+    metrics_port: int = 0
+    metrics_bind: str = "127.0.0.1"
+    pushgateway: str | None = None
+    log_format: str = "text"
+    pipeline: str = field(default_factory=lambda: os.environ.get(PIPELINE_ENV) or "default")
+
+    def __post_init__(self) -> None:
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be in 0..65535, not {self.metrics_port}")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", self.pipeline):
+            raise ValueError(f"{PIPELINE_ENV} must be a short name ([A-Za-z0-9_.:-]), not {self.pipeline!r}")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return asdict(cfg)
 
@@ -126,5 +182,6 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 __all__ = [
     "LOSSES", "PRECISIONS", "SSIMConfig", "ModelConfig", "TrainConfig", "PrepareConfig",
-    "InspectConfig", "MetricsConfig", "SynthConfig", "to_dict", "from_dict", "replace", "field",
+    "InspectConfig", "MetricsConfig", "SynthConfig", "RunConfig", "ScanOptions", "TelemetryConfig",
+    "LOG_FORMATS", "PIPELINE_ENV", "to_dict", "from_dict", "replace", "field",
 ]

@@ -12,10 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 
+from ray_inspect.core.metrics import PixelROC  # noqa: E402
+from ray_inspect.io.images import read_image, read_mask, resize_image, resize_mask  # noqa: E402
+from ray_inspect.steps.imagescan import output_urls  # noqa: E402
+
 from . import storage  # noqa: E402
-from .images import read_image, read_mask, resize_image, resize_mask  # noqa: E402
-from .metrics import PixelROC  # noqa: E402
-from .imagescan import output_urls  # noqa: E402
 
 OVERLAY_MAX_PIXELS = 4096 * 4096   # larger images are not drawn (a figure could not show them anyway)
 SUMMARY_KEYS = ("pixel_auroc", "au_pro", "image_auroc", "pixel_auroc_opened", "au_pro_opened")

@@ -1,0 +1,1 @@
+"""The method: pure computation on tensors and arrays (no files, no object store, no Ray)."""

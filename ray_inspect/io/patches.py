@@ -1,0 +1,98 @@
+"""Training patches in Zarr v3: (N, C, 128, 128) uint8, chunked along N, local or s3://.
+
+``prepare`` downscales the defect-free training images and crops N random windows, one chunk at
+a time; the array is marked complete (with a content fingerprint) only after its last chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import zarr
+
+from ray_inspect.config import PrepareConfig
+from ray_inspect.io import storage
+from ray_inspect.io.datasets import train_images
+from ray_inspect.io.images import read_image, resize_image, to_uint8
+
+
+class _ImageCache:
+    """Decoded, downscaled training images as uint8, bounded by a byte budget (LRU)."""
+
+    def __init__(self, urls: list[str], cfg: PrepareConfig, budget: int):
+        self.urls, self.cfg, self.budget = urls, cfg, budget
+        self.items: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.size = 0
+        self.source_size: list[int] | None = None   # (H, W) of the first image, before downscaling
+
+    def get(self, i: int) -> np.ndarray:
+        if i in self.items:
+            self.items.move_to_end(i)
+            return self.items[i]
+        img = read_image(self.urls[i], self.cfg.channels)
+        self.source_size = self.source_size or [int(img.shape[0]), int(img.shape[1])]
+        img = to_uint8(resize_image(img, self.cfg.resize))
+        img = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
+        p = self.cfg.patch
+        if img.shape[1] < p or img.shape[2] < p:
+            raise ValueError(f"{self.urls[i]}: image is {img.shape[2]}x{img.shape[1]}, smaller than a {p}-px patch")
+        self.items[i] = img
+        self.size += img.nbytes
+        while self.size > self.budget and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.size -= old.nbytes
+        return img
+
+
+def _store(url: str):
+    return storage.local_path(url) if storage.is_local(url) else url
+
+
+def prepare(dataset: str, out: str, cfg: PrepareConfig = PrepareConfig(),
+            progress: Callable[[int], None] | None = None, cache_bytes: int = 1 << 30) -> dict:
+    """Crop ``cfg.patches`` random patches from the training images of ``dataset`` into ``out``."""
+    urls = train_images(dataset)
+    rng = np.random.default_rng(cfg.seed)
+    n, p, c = cfg.patches, cfg.patch, cfg.channels
+    which = rng.integers(0, len(urls), size=n)
+    where = rng.random((n, 2))
+    cache = _ImageCache(urls, cfg, cache_bytes)
+    if storage.exists(out):
+        storage.remove(out, recursive=True)
+    arr = zarr.create_array(store=_store(out), shape=(n, c, p, p), chunks=(cfg.chunk, c, p, p), dtype="uint8",
+                            storage_options=storage.storage_options(out) or None, overwrite=True,
+                            attributes={"complete": False})
+    digest = hashlib.sha256()
+    for start in range(0, n, cfg.chunk):
+        stop = min(n, start + cfg.chunk)
+        block = np.empty((stop - start, c, p, p), np.uint8)
+        for j, i in enumerate(range(start, stop)):
+            img = cache.get(int(which[i]))
+            y = int(where[i, 0] * (img.shape[1] - p + 1))
+            x = int(where[i, 1] * (img.shape[2] - p + 1))
+            block[j] = img[:, y : y + p, x : x + p]
+        arr[start:stop] = block
+        digest.update(block.tobytes())
+        if progress:
+            progress(stop - start)
+    attrs = {"complete": True, "source": dataset, "resize": cfg.resize, "seed": cfg.seed, "patches": n,
+             "channels": c, "patch": p, "images": len(urls), "fingerprint": digest.hexdigest()[:16],
+             "source_size": cache.source_size}
+    arr.attrs.update(attrs)
+    return attrs
+
+
+def open_patches(url: str) -> zarr.Array:
+    """Open a prepared patch array read-only; refuses one whose preparation did not finish."""
+    try:
+        arr = zarr.open_array(store=_store(url), mode="r", storage_options=storage.storage_options(url) or None)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise storage.StorageError(f"{url}: not a patch array ({exc.__class__.__name__})") from None
+    if not arr.attrs.get("complete"):
+        raise storage.StorageError(f"{url}: patch array is incomplete (preparation did not finish)")
+    if arr.ndim != 4 or arr.shape[2:] != (128, 128):
+        raise storage.StorageError(f"{url}: expected (N, C, 128, 128) patches, found {arr.shape}")
+    return arr

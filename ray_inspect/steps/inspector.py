@@ -1,0 +1,191 @@
+"""The per-image step: image -> averaged reconstruction -> residual -> opened residual -> mask.
+
+A plain function of a loaded model and settings, used by calibration, the scan actors and
+notebooks. Images are scaled by the factor the training images were scaled by. An image with more
+than ``InspectConfig.region_pixels`` pixels is processed in horizontal bands on the global window
+grid, so memory stays bounded and the result is exactly that of the whole image.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from skimage.measure import label
+from torch import nn
+
+from ray_inspect.config import InspectConfig, SSIMConfig
+from ray_inspect.core.inference import Reconstructor, prepare_model, to_chw
+from ray_inspect.core.segmentation import open_residual, segment
+from ray_inspect.core.tiling import plan_bands
+from ray_inspect.io.artifact import ModelCard
+from ray_inspect.io.datasets import Sample
+from ray_inspect.io.images import (
+    InputError,
+    decode_raw,
+    read_mask,
+    read_raw,
+    resize_image,
+    resize_mask,
+    to_float,
+)
+
+
+@dataclass
+class BandResult:
+    """Rows [start, stop) of an image's maps."""
+
+    rows: tuple[int, int]
+    residual: np.ndarray             # (n, W) float32
+    opened: np.ndarray | None        # grey opening of the residual (when evaluating)
+    mask: np.ndarray | None          # opened > threshold (None without a threshold)
+    tiles: int
+    timings: dict[str, float]
+
+
+@dataclass
+class ImageResult:
+    """One image's whole maps (for calibration, notebooks and tests)."""
+
+    key: str
+    residual: np.ndarray             # (H, W) float32 at processing resolution
+    opened: np.ndarray | None
+    mask: np.ndarray | None
+    tiles: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float:
+        return float(self.residual.max())
+
+    def record(self) -> dict:
+        out = {"key": self.key, "status": "ok", "score": self.score,
+               "height": int(self.residual.shape[0]), "width": int(self.residual.shape[1]), "tiles": self.tiles,
+               "timings": {k: round(v, 6) for k, v in self.timings.items()}}
+        if self.opened is not None:
+            out["score_opened"] = float(self.opened.max())
+        if self.mask is not None:
+            out["flagged_pixels"] = int(self.mask.sum())
+            out["regions"] = int(label(self.mask, connectivity=2).max()) if out["flagged_pixels"] else 0
+        return out
+
+
+@dataclass
+class LoadedImage:
+    """An image at processing resolution in its own pixel type, its ground truth, and bytes read."""
+
+    pixels: np.ndarray
+    gt: np.ndarray | None
+    nbytes: int
+
+
+class Inspector:
+    """A loaded model with its card and inspection settings; ``bands`` runs the per-image step."""
+
+    def __init__(self, model: nn.Module, card: ModelCard, cfg: InspectConfig = InspectConfig(),
+                 threshold: float | None = None, device: str | torch.device = "cpu"):
+        self.card, self.cfg = card, cfg
+        self.threshold = card.threshold if threshold is None else threshold
+        self.model = prepare_model(model, cfg.precision, device)
+        self.reconstructor = Reconstructor(self.model, card.model, cfg)
+
+    def read(self, sample: Sample, data: bytes | None = None) -> LoadedImage:
+        """Read an image (from ``data`` when its bytes are at hand) and its ground truth, and scale
+        it like the training images."""
+        raw, nbytes = read_raw(sample.url) if data is None else (decode_raw(data, sample.url), len(data))
+        gt = None
+        if sample.defect_type == "good":
+            gt = np.zeros(raw.shape[:2], bool)
+        elif sample.defective:
+            gt = read_mask(sample.mask_url, raw.shape[:2])
+            if not gt.any():
+                raise InputError(sample.mask_url, "mask of a defective image is empty", "mask")
+        shape = self.card.processing_shape(*raw.shape[:2])
+        if shape != raw.shape[:2]:
+            raw = resize_image(to_float(raw, self.card.model.channels), shape)
+            gt = None if gt is None else resize_mask(gt, shape)
+        if min(raw.shape[:2]) <= SSIMConfig().window // 2:
+            raise InputError(sample.url, f"image is {raw.shape[1]}x{raw.shape[0]}, too small to inspect", "size")
+        return LoadedImage(raw, gt, nbytes)
+
+    def load(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
+        """The image as float32 in [0, 1] at processing resolution, and its ground truth."""
+        img = self.read(sample)
+        return to_float(img.pixels, self.card.model.channels), img.gt
+
+    def is_large(self, height: int, width: int) -> bool:
+        """Whether an image of this size (as stored) is decoded or processed beyond one region."""
+        h, w = self.card.processing_shape(height, width)
+        return max(height * width, h * w) > self.cfg.region_pixels
+
+    def band_rows(self, height: int, width: int) -> int:
+        """Output rows per band: all of them unless the image exceeds ``region_pixels``."""
+        if height * width <= self.cfg.region_pixels or min(height, width) < self.card.model.patch:
+            return height
+        return max(1, self.cfg.region_pixels // width)
+
+    def bands(self, pixels: np.ndarray, key: str = "", grey: bool = True) -> Iterator[BandResult]:
+        """The step, a band of rows at a time (one band unless the image exceeds region_pixels).
+
+        ``grey`` also keeps the grey opening of the maps (the ROC after opening needs it; a mask
+        alone does not). ``pixels`` may be in the image's own type: bands are converted as used.
+        """
+        h, w = pixels.shape[:2]
+        channels, seed = self.card.model.channels, _key_seed(key)
+        band_rows = self.band_rows(h, w)
+        if band_rows == h:
+            t0 = time.perf_counter()
+            x = to_chw(to_float(pixels, channels))
+            recon, nll = self.reconstructor.run(x, key=seed)
+            yield self._finish((0, h), x, recon, nll, (0, h), (0, h), grey, self.reconstructor.windows(h, w), t0)
+            return
+        rec = self.reconstructor
+        grid = rec.grid(h, w)
+        d = self.cfg.opening_diameter
+        for band in plan_bands(grid, h, band_rows, d, SSIMConfig().window // 2, self.cfg.batch_size):
+            t0 = time.perf_counter()
+            i0, i1 = band.input_rows
+            x = to_chw(to_float(pixels[i0:i1], channels))
+            recon, nll = rec.run_band(x, grid, band, key=seed)
+            c0, c1 = band.recon_rows
+            tiles = (band.grid_rows[1] - band.grid_rows[0]) * len(grid.xs)
+            yield self._finish(band.rows, x[:, c0 - i0 : c1 - i0], recon, nll, band.recon_rows,
+                               band.residual_rows, grey, tiles, t0)
+
+    def _finish(self, rows, x, recon, nll, recon_rows, residual_rows, grey, tiles, t0) -> BandResult:
+        """Residual of the reconstructed rows, then the opening and the mask of the band's rows."""
+        t1 = time.perf_counter()
+        residual = self.reconstructor.residual(x, recon, nll).cpu().numpy()
+        r0, r1 = residual_rows
+        residual = residual[r0 - recon_rows[0] : r1 - recon_rows[0]]
+        t2 = time.perf_counter()
+        d = self.cfg.opening_diameter
+        opened = open_residual(residual, d) if grey else None
+        mask = None if self.threshold is None else segment(residual, self.threshold, d, opened)
+        keep = slice(rows[0] - r0, rows[1] - r0)
+        timings = {"inference": t1 - t0, "residual": t2 - t1, "segment": time.perf_counter() - t2}
+        return BandResult(rows, residual[keep], None if opened is None else opened[keep],
+                          None if mask is None else mask[keep], tiles, timings)
+
+    def inspect(self, image: np.ndarray, key: str = "", grey: bool = True) -> ImageResult:
+        """Run the method on one (H, W[, C]) image at processing resolution; whole maps back."""
+        parts = list(self.bands(image, key, grey))
+        timings: dict[str, float] = {}
+        for p in parts:
+            for k, v in p.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+
+        def cat(name):
+            arrays = [getattr(p, name) for p in parts]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return ImageResult(key, cat("residual"), cat("opened"), cat("mask"), sum(p.tiles for p in parts), timings)
+
+
+def _key_seed(key: str) -> int:
+    import zlib
+
+    return zlib.crc32(key.encode())

@@ -1,0 +1,105 @@
+"""The training loop: shuffled chunk-streaming batches from Zarr, one epoch at a time.
+
+``train_epoch`` is the unit every Ray Train worker runs (it takes any model, DDP-wrapped or not,
+and any iterable of batches); ``raytrain.fit`` drives it, on a local Ray or a cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ray_inspect.config import ModelConfig, TrainConfig
+from ray_inspect.core.inference import precision_context
+from ray_inspect.core.losses import LossFn, make_loss
+from ray_inspect.core.model import build_model
+from ray_inspect.io.artifact import ModelCard, load_alexnet, score_range
+
+
+class PatchBatches:
+    """Batches of one shard of a patch array, reshuffled every epoch, read one chunk at a time.
+
+    Each epoch permutes the chunks (seeded by seed and epoch), deals them round-robin to the
+    ``world`` ranks, and shuffles patches inside a window of ``window`` chunks, so memory stays at
+    a few chunks whatever N is.
+    """
+
+    def __init__(self, array, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1, window: int = 4):
+        self.array, self.batch_size, self.seed = array, batch_size, seed
+        self.rank, self.world, self.window = rank, world, window
+        self.chunk = array.chunks[0]
+        self.n_chunks = -(-array.shape[0] // self.chunk)
+
+    def chunks_for(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng((self.seed, epoch)).permutation(self.n_chunks)
+        return order[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
+        rng = np.random.default_rng((self.seed, epoch, self.rank))
+        mine = self.chunks_for(epoch)
+        carry = np.empty((0,) + self.array.shape[1:], np.uint8)
+        for w in range(0, len(mine), self.window):
+            blocks = [self.array[c * self.chunk : (c + 1) * self.chunk] for c in mine[w : w + self.window]]
+            pool = np.concatenate([carry] + blocks)
+            pool = pool[rng.permutation(len(pool))]
+            full = len(pool) // self.batch_size * self.batch_size
+            last = w + self.window >= len(mine)
+            stop = len(pool) if last else full
+            for s in range(0, stop, self.batch_size):
+                yield torch.from_numpy(pool[s : s + self.batch_size].astype(np.float32) / 255.0)
+            carry = pool[stop:]
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, loss_fn: LossFn,
+                precision: str = "bfloat16", device: torch.device | str = "cpu") -> dict:
+    """One pass over ``batches``; returns mean loss, patch count and patches/s."""
+    model.train()
+    total, count, t0 = 0.0, 0, time.perf_counter()
+    device = torch.device(device)
+    for x in batches:
+        x = x.to(device, non_blocking=True)
+        if precision == "bfloat16":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision_context(precision, device):
+            loss = loss_fn(model, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(x)
+        count += len(x)
+    dt = time.perf_counter() - t0
+    return {"loss": total / max(count, 1), "patches": count, "seconds": dt, "patches_per_s": count / dt if dt else 0.0}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build(model_cfg: ModelConfig, train_cfg: TrainConfig, alexnet_weights: str | None = None,
+          device: torch.device | str = "cpu"):
+    """Seeded model, optimizer and loss, identical on every rank (the frozen AlexNet on ``device``)."""
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg)
+    if train_cfg.precision == "bfloat16":
+        model = model.to(memory_format=torch.channels_last)
+    alexnet = load_alexnet(alexnet_weights).to(device) if model_cfg.loss == "fm" and alexnet_weights else None
+    return model, make_optimizer(model, train_cfg), make_loss(model_cfg, alexnet)
+
+
+def make_card(model_cfg: ModelConfig, train_cfg: TrainConfig, patches_url: str, attrs: dict,
+              history: list[dict]) -> ModelCard:
+    return ModelCard(
+        model=model_cfg, resize=attrs.get("resize"), source_size=attrs.get("source_size"), score_range=score_range(model_cfg.loss),
+        training={**asdict(train_cfg), "final_loss": history[-1]["loss"] if history else None,
+                  "epochs_run": len(history)},
+        patches={"url": patches_url, "fingerprint": attrs.get("fingerprint"), "count": attrs.get("patches"),
+                 "source": attrs.get("source"), "seed": attrs.get("seed")},
+    )

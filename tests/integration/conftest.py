@@ -1,0 +1,48 @@
+"""Fixtures of the integration tests: one SeaweedFS S3 server and one local Ray per session, and a
+model trained on it."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers.s3server import s3  # noqa: F401  (session-scoped SeaweedFS on 127.0.0.1)
+from ray_inspect.config import ModelConfig, TrainConfig
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3):  # noqa: F811 - the fixture above, requested by name
+    """One local Ray for the whole session, started after the S3 environment is set (workers inherit it)."""
+    import ray
+
+    from ray_inspect.distributed.cluster import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_model(ray_session, patches, tmp_path_factory):
+    """An SSIM-AE trained on Ray Train for two short epochs (enough for real, non-flat reconstructions)."""
+    from ray_inspect.config import RunConfig
+    from ray_inspect.distributed.train import fit
+
+    url = str(tmp_path_factory.mktemp("models") / "ssim")
+    fit(patches, url, ModelConfig(), TrainConfig(epochs=2, batch_size=32, seed=0),
+        RunConfig(storage=str(tmp_path_factory.mktemp("runs")), run_name="fixture"))
+    return url
+
+
+@pytest.fixture(scope="session")
+def calibrated(trained_model, dataset, tmp_path_factory):
+    """The trained model with a threshold from the validation images: (model URL, threshold)."""
+    import shutil
+
+    from ray_inspect.config import InspectConfig
+    from ray_inspect.steps.calibrate import calibrate
+
+    url = str(tmp_path_factory.mktemp("cal") / "model")
+    shutil.copytree(trained_model, url)
+    res = calibrate(url, dataset, min_area=30, cfg=InspectConfig(precision="float32"))
+    assert res["images"] == 4 and res["rule"] == "min_area"
+    return url, res["threshold"]

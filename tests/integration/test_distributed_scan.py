@@ -1,0 +1,256 @@
+"""The scan on Ray actors: S3 to S3, resume after a killed driver, a killed actor, reruns."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_inspect.config import InspectConfig, MetricsConfig, ScanOptions, SynthConfig
+from ray_inspect.core.evaluation import Evaluation
+from ray_inspect.distributed.scan import (
+    EXIT_OK,
+    _actor_env,
+    _Pool,
+    _pool_shape,
+    _Shape,
+    scan,
+    scan_fingerprint,
+)
+from ray_inspect.io import storage
+from ray_inspect.io.artifact import read_card
+from ray_inspect.io.datasets import list_samples
+from ray_inspect.steps.imagescan import output_stems, output_urls, scan_image
+from ray_inspect.steps.inspector import Inspector
+
+CFG = InspectConfig(precision="bfloat16")
+
+
+class Recorder:
+    """A telemetry that remembers what the scan reported."""
+
+    def __init__(self):
+        self.images, self.failures, self.finished = [], [], None
+
+    def start(self, info): self.info = info
+    def actors(self, n): pass
+    def in_flight(self, n): pass
+    def image(self, record): self.images.append(record["key"])
+    def failed(self, kind): self.failures.append(kind)
+    def finish(self, summary, ok): self.finished = ok
+
+
+def reference_scan(model_url, source, out, cfg=CFG, threads=1):
+    """Single process, no Ray: scan_image on every sample, statistics summed in listing order.
+    oneDNN's bf16 convolutions round differently with another thread count, so the reference
+    uses the threads of one actor of the scan it is compared with."""
+    import torch
+
+    from ray_inspect import load_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _reference_scan(load_model, model_url, source, out, cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _reference_scan(load_model, model_url, source, out, cfg):
+    model = load_model(model_url)
+    insp = Inspector(model, model.card, cfg)
+    fp = scan_fingerprint(model.card, cfg, model.card.threshold, MetricsConfig())
+    samples = list_samples(source)
+    stems = output_stems([s.key for s in samples])
+    total = Evaluation(model.card.score_range)
+    records = {}
+    for s in samples:
+        rec, stats = scan_image(insp, s, stems[s.key], out, fp)
+        records[stems[s.key]] = rec
+        if stats is not None:
+            total += Evaluation.from_bytes(stats)
+    return records, total.metrics()
+
+
+def _outputs_equal(out_a, out_b, stems):
+    for stem in stems:
+        a, b = output_urls(out_a, stem), output_urls(out_b, stem)
+        assert storage.read_bytes(a["mask"]) == storage.read_bytes(b["mask"]), stem
+        assert storage.read_bytes(a["residual"]) == storage.read_bytes(b["residual"]), stem
+
+
+def _stems(source):
+    return list(output_stems([s.key for s in list_samples(source)]).values())
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A bigger labelled root (40 test images), so that a scan lasts long enough to be interrupted."""
+    from ray_inspect.io.synth import generate
+
+    root = str(tmp_path_factory.mktemp("archive") / "plain")
+    generate(root, SynthConfig(size=256, train=1, test_defective=30, test_good=10, validation=0, seed=5))
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean(ray_session, calibrated, archive, tmp_path_factory):
+    """Uninterrupted scans of the archive with 1 and 2 actors: {workers: OUT}. (Bits depend on the
+    threads per actor, see reference_scan, so each fault test compares with its own shape.)"""
+    outs = {}
+    for workers in (1, 2):
+        outs[workers] = str(tmp_path_factory.mktemp("clean") / "out")
+        summary = scan(calibrated[0], archive, outs[workers], CFG, options=ScanOptions(workers=workers))
+        assert summary["exit_code"] == EXIT_OK and summary["scanned"] == 40
+    return outs
+
+
+@pytest.mark.slow
+def test_s3_to_s3_with_two_actors_equals_a_single_process_scan(ray_session, s3, calibrated, dataset, tmp_path):
+    from ray_inspect.io.synth import generate
+
+    src = s3.url("fleet", storage.unique_suffix(), "plain")
+    generate(src, SynthConfig(size=256, train=12, test_defective=8, test_good=4, validation=4, seed=3))  # = dataset
+    model_url = s3.url("fleet-models", storage.unique_suffix())
+    for f in Path(calibrated[0]).iterdir():
+        storage.write_bytes(storage.join(model_url, f.name), f.read_bytes())
+    out = s3.url("fleet-out", storage.unique_suffix())
+    rec = Recorder()
+    summary = scan(model_url, src, out, CFG, options=ScanOptions(workers=2), telemetry=rec)
+    assert summary["workers"] == 2 and summary["scanned"] == 12 and summary["exit_code"] == EXIT_OK
+    assert sorted(rec.images) == sorted(s.key for s in list_samples(src)) and rec.finished is True
+    local = str(tmp_path / "ref")
+    ref_records, ref_metrics = reference_scan(calibrated[0], dataset, local)
+    assert json.loads(storage.read_text(storage.join(out, "metrics.json"))) == ref_metrics
+    _outputs_equal(out, local, ref_records)
+    for stem, ref in ref_records.items():
+        got = json.loads(storage.read_text(output_urls(out, stem)["record"]))
+        for k in ("score", "score_opened", "flagged_pixels", "regions", "tiles", "height", "width", "fingerprint"):
+            assert got[k] == ref[k], (stem, k)
+    assert storage.exists(storage.join(out, "_SUCCESS"))
+    assert storage.exists(storage.join(out, "stats", "shard-00000.npz"))
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    assert {e["status"] for e in manifest["entries"]} == {"ok"} and len(manifest["entries"]) == 12
+
+
+@pytest.mark.slow
+def test_killed_actor_images_retried_and_counted_once(ray_session, calibrated, archive, clean, tmp_path):
+    import psutil
+    import ray
+
+    out = tmp_path / "out"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((out / "records").glob("**/*.json"))) < 4:
+            time.sleep(0.02)
+        actors = [p for p in psutil.process_iter(["cmdline"])       # Ray titles actor processes ray::Class
+                  if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::ScanActor")]
+        if actors:
+            os.kill(actors[0].pid, signal.SIGKILL)
+            killed.append(actors[0].pid)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    rec = Recorder()
+    summary = scan(calibrated[0], archive, str(out), CFG, options=ScanOptions(workers=2, depth=2), telemetry=rec)
+    t.join()
+    assert killed and summary["retried"] >= 1                 # the actor held images when it died
+    assert summary["scanned"] == 40 and summary["failed"] == 0 and summary["exit_code"] == EXIT_OK
+    assert len(rec.images) == 40 and len(set(rec.images)) == 40
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 40 and metrics == json.loads(Path(clean[2], "metrics.json").read_text())
+    _outputs_equal(str(out), clean[2], _stems(archive))
+    assert ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_killed_driver_rerun_recomputes_only_what_was_missing(ray_session, calibrated, archive, clean, tmp_path):
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).parent / "ray-inspect"), "scan", calibrated[0], archive, str(out), "--workers", "1"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / "records").glob("**/*.json"))) < 10:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)          # the driver and the local Ray it started
+    proc.wait()
+    assert not (out / "_SUCCESS").exists()
+    done = {p: p.stat().st_mtime_ns for p in (out / "records").glob("**/*.json")}
+    assert 10 <= len(done) < 40
+    summary = scan(calibrated[0], archive, str(out), CFG, options=ScanOptions(workers=1))   # the same command
+    assert summary["skipped"] == len(done) and summary["scanned"] == 40 - len(done)
+    assert all(p.stat().st_mtime_ns == m for p, m in done.items())          # complete images were not redone
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(Path(clean[1], "metrics.json").read_text())
+    _outputs_equal(str(out), clean[1], _stems(archive))
+    assert (out / "_SUCCESS").exists()
+
+
+def test_rerun_skips_force_redoes_and_changed_settings_or_inputs_rescan(ray_session, calibrated, dataset, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(Path(dataset, "test", "cut"), src / "line1")
+    n = len(list(src.glob("**/*.png")))
+    out = str(tmp_path / "out")
+    model = calibrated[0]
+    first = scan(model, str(src), out, CFG)
+    assert first["scanned"] == n and first["skipped"] == 0 and "metrics" not in first
+    again = scan(model, str(src), out, CFG)
+    assert again["scanned"] == 0 and again["skipped"] == n
+    victim = sorted((src / "line1").glob("*.png"))[0]
+    time.sleep(0.01)
+    shutil.copy(sorted((src / "line1").glob("*.png"))[1], victim)   # new content, same name
+    changed = scan(model, str(src), out, CFG)
+    assert changed["scanned"] == 1 and changed["skipped"] == n - 1
+    assert scan(model, str(src), out, CFG, threshold=read_card(model).threshold * 1.5)["scanned"] == n
+    assert scan(model, str(src), out, CFG, options=ScanOptions(force=True))["scanned"] == n
+
+
+def test_pool_shape_defaults_and_gpu_check():
+    # (workers, GPUs and CPUs per actor, depth, concurrency, computing slots, threads per slot)
+    assert _pool_shape(ScanOptions(), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 3, 2, 1, 1)
+    assert _pool_shape(ScanOptions(workers=1), {"CPU": 2}) == _Shape(1, 0.0, 2.0, 4, 3, 2, 1)
+    assert _pool_shape(ScanOptions(workers=1, concurrency=1), {"CPU": 2}) == _Shape(1, 0.0, 2.0, 2, 1, 1, 2)
+    assert _pool_shape(ScanOptions(workers=2, cpus_per_worker=4), {"CPU": 8}) == _Shape(2, 0.0, 4.0, 6, 5, 4, 1)
+    assert _pool_shape(ScanOptions(), {"CPU": 16, "GPU": 4}) == _Shape(4, 1.0, 4.0, 3, 2, 1, 4)
+    assert _pool_shape(ScanOptions(workers=2, depth=3), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 3, 2, 1, 1)
+    assert _pool_shape(ScanOptions(depth=1, concurrency=1), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="GPUs"):
+        _pool_shape(ScanOptions(gpus_per_worker=1), {"CPU": 2})
+
+
+def test_one_malloc_arena_only_for_one_thread_cpu_actors(monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert _actor_env(_pool_shape(ScanOptions(), {"CPU": 2})) == {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
+    assert _actor_env(_pool_shape(ScanOptions(workers=1), {"CPU": 2})) == {}                  # 2 slots
+    assert _actor_env(_pool_shape(ScanOptions(workers=1, concurrency=1), {"CPU": 2})) == {}   # 2 threads
+    assert _actor_env(_pool_shape(ScanOptions(), {"CPU": 4, "GPU": 4})) == {}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert _actor_env(_pool_shape(ScanOptions(), {"CPU": 2})) == {}
+
+
+def test_pool_fill_spreads_a_short_queue_over_all_actors():
+    from collections import deque
+    from types import SimpleNamespace
+
+    def actor(name):
+        return SimpleNamespace(scan=SimpleNamespace(remote=lambda sample, stem: (name, stem)))
+
+    pool = object.__new__(_Pool)
+    pool.actors, pool.depth = [actor(i) for i in range(4)], 3
+    pool.generation, pool.busy, pool.inflight = [0] * 4, [0] * 4, {}
+    queue = deque(SimpleNamespace(sample=None, stem=str(i)) for i in range(6))
+    pool.fill(queue)
+    assert pool.busy == [2, 2, 1, 1] and not queue
+    queue.extend(SimpleNamespace(sample=None, stem=str(i)) for i in range(6, 20))
+    pool.fill(queue)
+    assert pool.busy == [3, 3, 3, 3] and len(queue) == 8 and len(pool.inflight) == 12

@@ -1,0 +1,166 @@
+"""One image into OUT: outputs, the record written last, and band-wise outputs equal to whole ones."""
+
+import json
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from ray_inspect.config import InspectConfig, ModelConfig
+from ray_inspect.core.evaluation import Evaluation
+from ray_inspect.core.model import build_model
+from ray_inspect.io.artifact import ModelCard
+from ray_inspect.io.datasets import Sample
+from ray_inspect.steps.imagescan import output_stems, output_urls, scan_image
+from ray_inspect.steps.inspector import Inspector
+
+
+def test_output_stems_keep_paths_and_resolve_collisions():
+    stems = output_stems(["a/x.png", "a/x.tiff", "a/y.png", "b/x.jpg"])
+    assert stems == {"a/x.png": "a/x.png", "a/x.tiff": "a/x.tiff", "a/y.png": "a/y", "b/x.jpg": "b/x"}
+
+
+def _write_png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def test_banded_image_writes_the_same_outputs_as_a_whole_one(tmp_path):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:620, :410]
+    img = (np.clip(0.5 + 0.3 * np.sin(xx / 4) * np.cos(yy / 5) + 0.1 * rng.standard_normal(xx.shape), 0, 1)
+           * 255).astype(np.uint8)
+    gt = np.zeros(img.shape, bool)
+    gt[100:180, 50:90] = gt[400:410, 300:390] = True
+    _write_png(tmp_path / "src" / "cut" / "a.png", img)
+    _write_png(tmp_path / "src" / "gt" / "a_mask.png", gt.astype(np.uint8) * 255)
+    sample = Sample(str(tmp_path / "src" / "cut" / "a.png"), "cut/a.png", "cut",
+                    str(tmp_path / "src" / "gt" / "a_mask.png"), "v1")
+    cfg = ModelConfig()
+    model = build_model(cfg)
+    probe = Inspector(model, ModelCard(model=cfg, resize=None), InspectConfig(precision="float32"))
+    t = float(np.quantile(probe.inspect(img.astype(np.float32) / 255).opened, 0.9))
+    card = ModelCard(model=cfg, resize=None, threshold=t)
+    outs = {}
+    for name, region in (("whole", 1 << 30), ("banded", 50_000)):
+        insp = Inspector(model, card, InspectConfig(precision="float32", region_pixels=region))
+        out = str(tmp_path / name)
+        record, stats = scan_image(insp, sample, "cut/a", out, "fp")
+        assert record["bands"] == (1 if name == "whole" else -(-620 // (50_000 // 410)))
+        outs[name] = (out, record, stats)
+    (wo, wr, ws), (bo, br, bs) = outs["whole"], outs["banded"]
+    for key in ("score", "score_opened", "flagged_pixels", "regions", "height", "width"):
+        assert wr[key] == br[key], key
+    assert wr["flagged_pixels"] > 0 and wr["regions"] >= 1 and br["tiles"] > wr["tiles"]
+    w_urls, b_urls = output_urls(wo, "cut/a"), output_urls(bo, "cut/a")
+    assert open(w_urls["mask"], "rb").read() == open(b_urls["mask"], "rb").read()   # byte-identical PNG
+    mask = np.asarray(Image.open(w_urls["mask"])) > 0
+    res_w, res_b = tifffile.imread(w_urls["residual"]), tifffile.imread(b_urls["residual"])
+    assert res_w.dtype == np.float16 and res_w.shape == img.shape
+    np.testing.assert_array_equal(res_w, res_b)
+    # the written mask is the method's mask of the written residual's image
+    whole = Inspector(model, card, InspectConfig(precision="float32")).inspect(img.astype(np.float32) / 255)
+    np.testing.assert_array_equal(mask, whole.mask)
+    np.testing.assert_array_equal(res_w, whole.residual.astype(np.float16))
+    # per-image statistics: the same histograms either way, and exactly those of the whole maps
+    ew, eb = Evaluation.from_bytes(ws), Evaluation.from_bytes(bs)
+    for a, b in ((ew.raw, eb.raw), (ew.opened, eb.opened)):
+        np.testing.assert_array_equal(a.good, b.good)
+        np.testing.assert_array_equal(a.defect, b.defect)
+        np.testing.assert_allclose(a.pro, b.pro, rtol=1e-12)
+        assert a.regions == b.regions == 2
+    from ray_inspect.core.metrics import PixelROC
+
+    ref = PixelROC(ew.raw.bins, ew.raw.range).update(whole.residual, gt)
+    np.testing.assert_array_equal(ref.good, ew.raw.good)
+    assert ew.scores == [wr["score"]] and ew.labels == [True]
+    rec = json.loads(open(w_urls["record"]).read())
+    assert rec == wr and rec["fingerprint"] == "fp" and rec["version"] == "v1"
+    assert rec["bytes_read"] == (tmp_path / "src" / "cut" / "a.png").stat().st_size
+    assert set(rec["timings"]) == {"read", "inference", "residual", "segment", "write"}
+
+
+def test_large_residuals_spool_through_a_file(tmp_path, monkeypatch):
+    import ray_inspect.steps.imagescan as imagescan
+
+    monkeypatch.setattr(imagescan, "SPOOL_BYTES", 1000)
+    img = (np.random.default_rng(1).random((200, 150)) * 255).astype(np.uint8)
+    _write_png(tmp_path / "a.png", img)
+    cfg = ModelConfig()
+    insp = Inspector(build_model(cfg), ModelCard(model=cfg, resize=None), InspectConfig(region_pixels=10_000))
+    record, stats = scan_image(insp, Sample(str(tmp_path / "a.png"), "a.png"), "a", str(tmp_path / "out"), "fp")
+    assert stats is None and "flagged_pixels" not in record        # unlabelled, no threshold: no mask
+    res = tifffile.imread(output_urls(str(tmp_path / "out"), "a")["residual"])
+    assert res.shape == (200, 150) and float(res.max()) == np.float16(record["score"])
+    assert not list((tmp_path / "out").glob("**/.tmp-*")) and not list((tmp_path / "out").glob("**/*.tmp-*"))
+
+
+class _Counting:
+    """A semaphore that remembers how many held it at once."""
+
+    def __init__(self, n):
+        import threading
+
+        self.sem, self.lock, self.now, self.most, self.taken = threading.Semaphore(n), threading.Lock(), 0, 0, 0
+
+    def __enter__(self):
+        self.sem.acquire()
+        with self.lock:
+            self.now += 1
+            self.taken += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.now -= 1
+        self.sem.release()
+
+
+def test_images_scanned_at_once_in_threads_equal_one_at_a_time(tmp_path):
+    """Two images computing at once in one process (an actor's slots): same outputs and records as
+    sequential scans; large images hold the gate one at a time from decoding to writing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    rng = np.random.default_rng(4)
+    sizes = [(300, 260), (180, 400), (260, 300), (150, 150), (100, 90)]
+    samples = []
+    for i, (h, w) in enumerate(sizes):
+        _write_png(tmp_path / "src" / f"{i}.png", (rng.random((h, w)) * 255).astype(np.uint8))
+        samples.append(Sample(str(tmp_path / "src" / f"{i}.png"), f"{i}.png"))
+    cfg = ModelConfig()
+    card = ModelCard(model=cfg, resize=None, threshold=0.7)
+    insp = Inspector(build_model(cfg), card, InspectConfig(precision="float32", region_pixels=60_000))
+    run = insp.reconstructor._forward
+    ran = []
+
+    def counting(tiles):
+        ran.append(len(tiles))
+        return run(tiles)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = []
+        for i, s in enumerate(samples):
+            ran.clear()
+            insp.reconstructor._forward = counting
+            alone.append(scan_image(insp, s, str(i), str(tmp_path / "alone"), "fp")[0])
+            del insp.reconstructor._forward
+            assert alone[-1]["tiles"] == sum(ran) > 0, sizes[i]   # the record counts the windows run
+        lock, large = _Counting(2), _Counting(1)
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda a: scan_image(insp, a[1], str(a[0]), str(tmp_path / "together"), "fp",
+                                                          lock=lock, large=large)[0], enumerate(samples)))
+    finally:
+        torch.set_num_threads(threads)
+    assert large.taken == 3 and large.most == 1           # 300x260, 180x400, 260x300 exceed 60,000 pixels
+    assert lock.most == 2 and lock.taken == sum(r["bands"] + 1 for r in alone)   # each band, then the end
+    for a, b in zip(alone, together):
+        for key in ("score", "flagged_pixels", "regions", "tiles", "bands", "height", "width"):
+            assert a[key] == b[key], key
+        ua, ub = output_urls(str(tmp_path / "alone"), a["stem"]), output_urls(str(tmp_path / "together"), b["stem"])
+        for kind in ("mask", "residual"):
+            assert open(ua[kind], "rb").read() == open(ub[kind], "rb").read(), kind
+    assert alone[3]["tiles"] == 4 and alone[4]["tiles"] == 1   # 150 px: windows at 0 and 22; 100 px: padded to one

@@ -1,0 +1,67 @@
+"""The per-image step in bands: bit-for-bit the whole-image result, in bounded memory."""
+
+import numpy as np
+import pytest
+import torch
+
+from ray_inspect.config import InspectConfig, ModelConfig
+from ray_inspect.core.model import build_model
+from ray_inspect.io.artifact import ModelCard
+from ray_inspect.steps.inspector import Inspector
+
+
+def _inspector(loss, precision, region_pixels, threshold=None):
+    torch.manual_seed(0)
+    cfg = ModelConfig(loss=loss)
+    card = ModelCard(model=cfg, resize=None, threshold=threshold)
+    return Inspector(build_model(cfg), card, InspectConfig(precision=precision, region_pixels=region_pixels))
+
+
+def _texture(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    img = 0.5 + 0.25 * np.sin(xx / 3.0) * np.cos(yy / 4.0) + 0.1 * rng.standard_normal((h, w))
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("loss,precision,shape,region", [
+    ("ssim", "float32", (500, 413), 40_000),     # sizes the stride does not divide
+    ("ssim", "bfloat16", (530, 260), 20_000),
+    ("vae", "float32", (300, 200), 15_000),      # per-window noise seeds: bands see the same samples
+    ("l2", "bfloat16", (300, 2100), 200_000),    # a row of windows wider than a batch
+])
+def test_bands_equal_the_whole_image_exactly(loss, precision, shape, region):
+    img = _texture(*shape)
+    t = float(np.quantile(_inspector(loss, precision, 1 << 30).inspect(img, "k").opened, 0.9))
+    whole = _inspector(loss, precision, 1 << 30, t).inspect(img, "k")
+    banded_insp = _inspector(loss, precision, region, t)
+    bands = list(banded_insp.bands(img, "k"))
+    assert len(bands) > 2 and [b.rows[0] for b in bands] == sorted(b.rows[0] for b in bands)
+    banded = banded_insp.inspect(img, "k")
+    np.testing.assert_array_equal(banded.residual, whole.residual)
+    np.testing.assert_array_equal(banded.opened, whole.opened)
+    np.testing.assert_array_equal(banded.mask, whole.mask)
+    assert 0 < whole.mask.sum() < whole.mask.size       # the threshold cuts through the map
+    # the bands ran more windows than the image has (their margins overlap), never fewer
+    assert banded.tiles >= whole.tiles
+
+
+@pytest.mark.slow
+def test_4096_image_region_wise_equals_whole():
+    img = _texture(4096, 4096, seed=1)
+    t = 0.5
+    whole = _inspector("ssim", "bfloat16", 1 << 26, t).inspect(img, "big", grey=False)
+    banded_insp = _inspector("ssim", "bfloat16", 4096 * 600, t)
+    assert banded_insp.band_rows(4096, 4096) == 600
+    banded = banded_insp.inspect(img, "big", grey=False)
+    np.testing.assert_array_equal(banded.residual, whole.residual)
+    np.testing.assert_array_equal(banded.mask, whole.mask)
+    assert whole.tiles == 134 * 134
+
+
+def test_images_scale_like_the_training_images():
+    card = ModelCard(model=ModelConfig(), resize=256, source_size=(512, 512))
+    assert card.processing_shape(512, 512) == (256, 256)
+    assert card.processing_shape(4096, 2048) == (2048, 1024)     # same factor, not a fixed square
+    assert ModelCard(model=ModelConfig(), resize=256).processing_shape(300, 500) == (256, 256)  # older cards
+    assert ModelCard(model=ModelConfig(), resize=None).processing_shape(300, 500) == (300, 500)

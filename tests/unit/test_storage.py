@@ -1,0 +1,37 @@
+"""Atomic, idempotent writes and listing on local paths."""
+
+import os
+
+import pytest
+
+from ray_inspect.io import storage
+
+
+def test_atomic_write_and_read(tmp_path):
+    url = str(tmp_path / "a" / "b" / "obj.bin")
+    storage.write_bytes(url, b"one")
+    storage.write_bytes(url, b"two")  # idempotent overwrite
+    assert storage.read_bytes(url) == b"two"
+    assert not [f for f in os.listdir(tmp_path / "a" / "b") if f.startswith(".tmp-")]
+    assert storage.read_bytes("file://" + url) == b"two"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(url).st_mode & 0o777 == 0o666 & ~umask   # not mkstemp's 0600
+
+
+def test_find_relative_and_errors(tmp_path):
+    for rel in ("x/1.png", "x/y/2.png", "3.txt"):
+        storage.write_bytes(str(tmp_path / rel), b".")
+    found = storage.find(str(tmp_path))
+    assert [storage.relative(u, str(tmp_path)) for u in found] == ["3.txt", "x/1.png", "x/y/2.png"]
+    with pytest.raises(storage.StorageError, match="no such file"):
+        storage.read_bytes(str(tmp_path / "nope"))
+    with pytest.raises(storage.StorageError, match="no such directory"):
+        storage.find(str(tmp_path / "nope"))
+    assert storage.join("s3://b/p/", "q", "r.png") == "s3://b/p/q/r.png"
+
+
+def test_endpoint_from_environment(monkeypatch):
+    monkeypatch.setenv(storage.ENDPOINT_ENV, "http://127.0.0.1:9")
+    assert storage.storage_options("s3://b/k") == {"endpoint_url": "http://127.0.0.1:9"}
+    assert storage.storage_options("/tmp/x") == {}

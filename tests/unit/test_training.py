@@ -1,0 +1,70 @@
+"""Patch preparation in Zarr and the training loop."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from ray_inspect.config import ModelConfig, PrepareConfig, TrainConfig
+from ray_inspect.io.images import read_image, to_uint8
+from ray_inspect.io.patches import open_patches, prepare
+from ray_inspect.io.storage import StorageError
+from ray_inspect.steps.training import PatchBatches, build, train_epoch
+
+
+def test_prepare_layout_attributes_and_crops(dataset, patches, tmp_path):
+    arr = open_patches(patches)
+    assert arr.shape == (300, 1, 128, 128) and arr.dtype == np.uint8 and arr.chunks[0] == 64
+    assert arr.attrs["complete"] and arr.attrs["resize"] is None and arr.attrs["seed"] == 1
+    assert arr.attrs["source"] == dataset and len(arr.attrs["fingerprint"]) == 16
+    # every patch is a real crop of some training image
+    from ray_inspect.io.datasets import train_images
+
+    imgs = [to_uint8(read_image(u)) for u in train_images(dataset)]
+    p = arr[5, 0]
+    hits = [np.argwhere(np.all(np.lib.stride_tricks.sliding_window_view(im, (128, 128)) == p, axis=(2, 3)))
+            for im in imgs]
+    assert any(len(h) for h in hits)
+    again = str(tmp_path / "again.zarr")
+    prepare(dataset, again, PrepareConfig(patches=300, resize=None, chunk=64, seed=1))
+    assert open_patches(again).attrs["fingerprint"] == arr.attrs["fingerprint"]
+
+
+def test_incomplete_array_is_refused(tmp_path):
+    url = str(tmp_path / "half.zarr")
+    zarr.create_array(store=url, shape=(4, 1, 128, 128), chunks=(2, 1, 128, 128), dtype="uint8",
+                      attributes={"complete": False})
+    with pytest.raises(StorageError, match="incomplete"):
+        open_patches(url)
+
+
+def test_batches_cover_the_shard_once_and_reshuffle(patches):
+    arr = open_patches(patches)
+    data = PatchBatches(arr, batch_size=50, seed=0, window=2)
+    seen = np.concatenate([b.numpy().reshape(len(b), -1)[:, :64] for b in data.epoch(0)])
+    assert len(seen) == 300
+    ref = arr[:].reshape(300, -1)[:, :64].astype(np.float32) / 255
+    assert sorted(map(bytes, seen.astype(np.float32))) == sorted(map(bytes, ref))
+    first0 = next(iter(data.epoch(0)))
+    first1 = next(iter(data.epoch(1)))
+    assert not torch.equal(first0, first1)
+    shards = [PatchBatches(arr, 50, seed=0, rank=r, world=2) for r in range(2)]
+    assert sum(sum(len(b) for b in s.epoch(3)) for s in shards) == 300
+    assert set(shards[0].chunks_for(3)).isdisjoint(shards[1].chunks_for(3))
+
+
+@pytest.mark.parametrize("loss", ["ssim", "l2", "vae"])
+def test_loss_falls(patches, loss):
+    arr = open_patches(patches)
+    model, opt, loss_fn = build(ModelConfig(loss=loss, latent=32), TrainConfig(seed=0, batch_size=32))
+    data = PatchBatches(arr, 32, seed=0)
+    first = train_epoch(model, opt, data.epoch(0), loss_fn)
+    second = train_epoch(model, opt, data.epoch(1), loss_fn)
+    assert second["loss"] < first["loss"] and first["patches"] == 300
+
+
+def test_feature_matching_needs_weights():
+    with pytest.raises(ValueError, match="--alexnet-weights"):
+        build(ModelConfig(loss="fm"), TrainConfig())
+
+
