@@ -6,7 +6,7 @@ DEMO   ?= demo-output
 # torch is installed first (the CPU build, so nothing pulls a CUDA one), then the package; both are
 # pinned by constraints.txt alone, exactly as cluster/Dockerfile installs them.
 
-.PHONY: install demo test test-fast bench clean prometheus-tools
+.PHONY: install demo lint test test-fast bench clean prometheus-tools
 
 install: $(VENV)/.installed
 
@@ -36,7 +36,11 @@ demo: install
 	$(RI) scan $(DEMO)/model $(DEMO)/data/plain $(DEMO)/scan
 	$(RI) report $(DEMO)/scan
 
-test: install prometheus-tools
+# ruff: pycodestyle, pyflakes, isort, bugbear, simplify, complexity and argument limits (pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint prometheus-tools
 	$(PY) -m pytest -q
 
 # Unit tests only: no Ray, no S3 server, no Prometheus (a minute or two).

@@ -29,10 +29,12 @@ from ray_inspect.distributed.scan import scan
 from ray_inspect.io.artifact import ModelCard, save_model
 from ray_inspect.io.images import read_image
 from ray_inspect.io.synth import generate
+from ray_inspect.records import ImageRecord
 
 
 def big_image(work: str, side: int) -> str:
-    generate(os.path.join(work, "tex"), SynthConfig(size=512, train=1, test_defective=0, test_good=0, validation=0))
+    generate(os.path.join(work, "tex"),
+             SynthConfig(size=512, train=1, test_defective=0, test_good=0, validation=0))
     tile = (read_image(os.path.join(work, "tex", "train", "good", "000.png")) * 255).astype(np.uint8)
     img = np.tile(tile, (side // 512 + 1, side // 512 + 1))[:side, :side]
     rng = np.random.default_rng(0)
@@ -44,6 +46,11 @@ def big_image(work: str, side: int) -> str:
     os.makedirs(os.path.dirname(path))
     Image.fromarray(img).save(path, compress_level=1)
     return path
+
+
+def read_record(path: str) -> ImageRecord:
+    with open(path) as f:
+        return ImageRecord.from_json(f.read())
 
 
 def main() -> None:
@@ -64,18 +71,19 @@ def main() -> None:
     summary = scan(url, os.path.dirname(path), os.path.join(work, "out"), cfg,
                    options=ScanOptions(workers=1, cpus_per_worker=1))
     wall = time.perf_counter() - t0
-    recs = sorted((json.load(open(os.path.join(work, "out", "records", f"big{i}.json"))) for i in range(a.images)),
-                  key=lambda r: r["finished"])
+    records = os.path.join(work, "out", "records")
+    recs = sorted((read_record(os.path.join(records, f"big{i}.json")) for i in range(a.images)),
+                  key=lambda r: r.finished)
     rec = recs[0]
     print(json.dumps({
         "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}", "image": f"{a.side}x{a.side} 8-bit gray PNG", "images": a.images,
-        "png_bytes": os.path.getsize(path), "region_pixels": a.region_pixels, "bands": rec["bands"],
-        "tiles": rec["tiles"], "concurrency": summary["concurrency"], "compute_slots": summary["compute_slots"],
-        "actor_peak_rss_gib_after_each": [round(r["max_rss_bytes"] / 2**30, 3) for r in recs],
-        "actor_peak_rss_gib": round(max(r["max_rss_bytes"] for r in recs) / 2**30, 3),
-        "exit_code": summary["exit_code"], "scan_wall_s": round(wall, 1), "timings_s": rec["timings"],
-        "flagged_pixels": rec.get("flagged_pixels"), "regions": rec.get("regions"),
+        "png_bytes": os.path.getsize(path), "region_pixels": a.region_pixels, "bands": rec.bands,
+        "tiles": rec.tiles, "concurrency": summary["concurrency"], "compute_slots": summary["compute_slots"],
+        "actor_peak_rss_gib_after_each": [round(r.max_rss_bytes / 2**30, 3) for r in recs],
+        "actor_peak_rss_gib": round(max(r.max_rss_bytes for r in recs) / 2**30, 3),
+        "exit_code": summary["exit_code"], "scan_wall_s": round(wall, 1), "timings_s": rec.timings,
+        "flagged_pixels": rec.flagged_pixels, "regions": rec.regions,
         "megapixels_per_s": round(a.images * a.side * a.side / 1e6 / wall, 3),
         "residual_tiff_bytes": os.path.getsize(os.path.join(work, "out", "residuals", "big0.tiff")),
     }, indent=2))

@@ -34,13 +34,14 @@ def main(model_url: str, dataset: str, limit: int = 30) -> None:
         out = []
         for s in samples:
             img, gt = insp.load(s)
-            r = insp.inspect(img, s.key, grey=False).residual
+            r = insp.inspect(img, s.key, keep_opened=False).residual
             roc.update(r, gt, regions=False)
             out.append(r)
         res[name] = {"pixel_auroc": roc.auroc(), "seconds": time.perf_counter() - t0}
         maps[name] = out
     for name in ("bfloat16", "bfloat16_autocast"):
-        diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(maps["float32"], maps[name])])
+        pairs = zip(maps["float32"], maps[name], strict=True)
+        diff = np.concatenate([np.abs(a - b).ravel() for a, b in pairs])
         res[name].update(residual_abs_diff={"max": float(diff.max()), "mean": float(diff.mean()),
                                             "p99": float(np.quantile(diff, 0.99))},
                          auroc_change=res[name]["pixel_auroc"] - res["float32"]["pixel_auroc"],

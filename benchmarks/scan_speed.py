@@ -34,6 +34,7 @@ from ray_inspect.distributed.scan import scan
 from ray_inspect.io.artifact import ModelCard, load_model, save_model
 from ray_inspect.io.images import read_image
 from ray_inspect.io.synth import generate
+from ray_inspect.records import ImageRecord
 from ray_inspect.steps.calibrate import calibrate
 
 
@@ -85,8 +86,8 @@ def naive_loop(model, image: np.ndarray, stride: int = 30) -> float:
                 acc[y:y + 128, x:x + 128] += model(t)[0, 0].numpy()
                 cnt[y:y + 128, x:x + 128] += 1
     recon = np.clip(acc / cnt, 0, 1)
-    _, s = structural_similarity(image.astype(np.float64), recon, data_range=1, gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False, full=True)
+    _, s = structural_similarity(image.astype(np.float64), recon, data_range=1, gaussian_weights=True,
+                                 sigma=1.5, use_sample_covariance=False, full=True)
     _ = (1 - s) > 0.5
     return time.perf_counter() - t0
 
@@ -105,10 +106,7 @@ def main() -> None:
                                                      test_defective=0))
     src = os.path.join(work, "data", "test", "good")
     torch.manual_seed(0)
-    if a.model:
-        model = load_model(a.model)
-    else:
-        model = ConvAE(ModelConfig())
+    model = load_model(a.model) if a.model else ConvAE(ModelConfig())
     url = os.path.join(work, "model")
     save_model(url, model, ModelCard(model=ModelConfig(), resize=None))
     cfg = InspectConfig(batch_size=a.batch_size, precision=a.precision)
@@ -123,17 +121,19 @@ def main() -> None:
         """Steady rate: per actor, images after its first over the time from its first record to
         its last (actor start-up, model loading and the listing excluded); summed over actors."""
         t0 = time.perf_counter()
-        summary = scan(url, src, out, cfg, options=ScanOptions(workers=workers, cpus_per_worker=cpus_per_worker,
-                                                               depth=a.depth, force=True))
+        options = ScanOptions(workers=workers, cpus_per_worker=cpus_per_worker, depth=a.depth, force=True)
+        summary = scan(url, src, out, cfg, options=options)
         wall = time.perf_counter() - t0
         done: dict[str, list[float]] = {}
         for name in os.listdir(os.path.join(out, "records")):
-            rec = json.load(open(os.path.join(out, "records", name)))
-            done.setdefault(rec["worker"], []).append(rec["finished"])
+            with open(os.path.join(out, "records", name)) as f:
+                rec = ImageRecord.from_json(f.read())
+            done.setdefault(rec.worker, []).append(rec.finished)
         rate = sum((len(t) - 1) / (max(t) - min(t)) for t in done.values() if len(t) > 1)
         return {"images": summary["scanned"], "actors": len(done), "cpus_per_actor": cpus_per_worker,
                 "compute_slots": summary["compute_slots"], "wall_s": round(wall, 3),
-                "tiles_per_s": round(rate * tiles, 1), "megapixels_per_s": round(rate * 1024 * 1024 / 1e6, 3),
+                "tiles_per_s": round(rate * tiles, 1),
+                "megapixels_per_s": round(rate * 1024 * 1024 / 1e6, 3),
                 "wall_tiles_per_s": round(summary["scanned"] * tiles / wall, 1)}
 
     run_scan(os.path.join(work, "warm"), 1, 1)            # warm-up (page cache, allocator, Ray workers)
@@ -146,7 +146,8 @@ def main() -> None:
     rounds = []
     for r in range(a.rounds):
         torch.set_num_threads(cpus)
-        rnd = {"bare_1_process_threaded": bare_forward(load_model(url), a.batch_size, a.precision, seconds=4.0)}
+        threaded = bare_forward(load_model(url), a.batch_size, a.precision, seconds=4.0)
+        rnd = {"bare_1_process_threaded": threaded}
         refs: dict[int, float] = {}
         for name, (workers, per) in pools.items():
             n = workers * per
@@ -159,7 +160,8 @@ def main() -> None:
         rnd[f"1_actor_{cpus}_cpus"]["ratio_to_threaded_bare"] = round(
             rnd[f"1_actor_{cpus}_cpus"]["tiles_per_s"] / rnd["bare_1_process_threaded"], 3)
         rounds.append(rnd)
-        print(json.dumps({k: v["ratio"] for k, v in rnd.items() if isinstance(v, dict)}), file=sys.stderr, flush=True)
+        print(json.dumps({k: v["ratio"] for k, v in rnd.items() if isinstance(v, dict)}), file=sys.stderr,
+              flush=True)
 
     def median_round(name):
         return sorted(rounds, key=lambda d: d[name]["ratio"])[len(rounds) // 2][name]
@@ -172,9 +174,11 @@ def main() -> None:
     result = {
         "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
         f"{cpus} cores, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})",
-        "batch_size": a.batch_size, "precision": a.precision, "depth": a.depth, "image": "1024x1024", "images": a.images,
+        "batch_size": a.batch_size, "precision": a.precision, "depth": a.depth, "image": "1024x1024",
+        "images": a.images,
         "tiles_per_image": tiles, "rounds": a.rounds,
-        "pools": {name: {**median_round(name), "round_ratios": [d[name]["ratio"] for d in rounds]} for name in pools},
+        "pools": {name: {**median_round(name), "round_ratios": [d[name]["ratio"] for d in rounds]}
+                  for name in pools},
         "bare_1_process_threaded_tiles_per_s": [round(d["bare_1_process_threaded"], 1) for d in rounds],
         "naive_seconds_per_image": {f"{n}_threads": round(v, 2) for n, v in naive_s.items()},
         "speedup_vs_naive_on_the_same_cpus": {

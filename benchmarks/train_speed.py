@@ -18,7 +18,7 @@ import torch
 
 from ray_inspect.config import ModelConfig, PrepareConfig, RunConfig, SynthConfig, TrainConfig
 from ray_inspect.distributed.cluster import ensure_ray
-from ray_inspect.distributed.train import fit
+from ray_inspect.distributed.train import TrainHooks, fit
 from ray_inspect.io.patches import open_patches, prepare
 from ray_inspect.io.synth import generate
 from ray_inspect.steps.training import PatchBatches, build, train_epoch
@@ -28,7 +28,8 @@ def plain_loop(patches: str, cfg: TrainConfig) -> list[float]:
     """The reference: the epoch loop in this process, no Ray, no DDP."""
     model, opt, loss_fn = build(ModelConfig(), cfg)
     data = PatchBatches(open_patches(patches), cfg.batch_size, seed=cfg.seed)
-    return [train_epoch(model, opt, data.epoch(e), loss_fn, cfg.precision)["patches_per_s"] for e in range(cfg.epochs)]
+    return [train_epoch(model, opt, data.epoch(e), loss_fn, cfg.precision)["patches_per_s"]
+            for e in range(cfg.epochs)]
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
         seen: list[dict] = []
         fit(pz, os.path.join(work, f"m{workers}"), ModelConfig(), cfg,
             RunConfig(workers=workers, storage=os.path.join(work, "runs"), run_name=f"w{workers}"),
-            on_epoch=seen.append)
+            hooks=TrainHooks(on_epoch=seen.append))
         out[f"ray_{workers}_worker_patches_per_s"] = statistics.median(m["patches_per_s"] for m in seen[1:])
     out["ray_overhead_1_worker"] = 1 - out["ray_1_worker_patches_per_s"] / out["plain_patches_per_s"]
     out["scaling_2_vs_1"] = out["ray_2_worker_patches_per_s"] / out["ray_1_worker_patches_per_s"]

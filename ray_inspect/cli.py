@@ -35,13 +35,32 @@ class OneLineErrors(click.Group):
             click.echo(f"ray-inspect: error: {exc}", err=True)
             sys.exit(2)
         except Exception as exc:
-            if "TrainingFailedError" not in {c.__name__ for c in type(exc).__mro__}:  # ray.train's errors
+            cause = _training_failure(exc)
+            if cause is None:
                 raise
-            lines = [ln.strip() for ln in str(exc).splitlines() if "Error" in ln and ": " in ln]
-            cause = lines[-1] if lines else type(exc).__name__   # the worker's own exception line
             click.echo(f"ray-inspect: error: training failed after its retries ({cause[:300]}); "
                        "rerun the same command to resume from the last checkpoint", err=True)
             sys.exit(2)
+
+
+def _training_failure(exc: BaseException) -> str | None:
+    """The cause of a Ray Train failure in one line (the lowest failed worker's exception), or None
+    when ``exc`` is not one."""
+    if "ray.train" not in sys.modules:   # training was never started in this process
+        return None
+    from ray.train import TrainingFailedError
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    if not isinstance(exc, TrainingFailedError):
+        return None
+    if isinstance(exc, WorkerGroupError) and exc.worker_failures:
+        cause = exc.worker_failures[min(exc.worker_failures)]
+    elif isinstance(exc, ControllerError):
+        cause = exc.controller_failure
+    else:
+        cause = exc.__cause__ or exc
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
 def _emit(data: dict, as_json: bool, text: str) -> None:
@@ -54,13 +73,15 @@ def _emit(data: dict, as_json: bool, text: str) -> None:
               help="Endpoint of an S3-compatible store (also RAY_INSPECT_S3_ENDPOINT); credentials come from "
                    "the AWS environment variables or profile, never from options.")
 @click.option("--metrics-port", envvar="RAY_INSPECT_METRICS_PORT", default=0, show_default=True,
-              type=click.IntRange(0, 65535), help="Serve Prometheus metrics of scan/train on this port (0: off).")
+              type=click.IntRange(0, 65535),
+              help="Serve Prometheus metrics of scan/train on this port (0: off).")
 @click.option("--metrics-bind", envvar="RAY_INSPECT_METRICS_BIND", default="127.0.0.1", show_default=True,
               help="Address the metrics port binds (0.0.0.0 in a pod, so Prometheus can scrape it).")
 @click.option("--pushgateway", envvar="RAY_INSPECT_PUSHGATEWAY", default=None, metavar="URL",
               help="Push the outcome of a finished scan/train run to this Prometheus Pushgateway.")
-@click.option("--log-format", envvar="RAY_INSPECT_LOG_FORMAT", type=click.Choice(["text", "json"]), default="text",
-              show_default=True, help="json: one JSON object per log line, with run id and image key.")
+@click.option("--log-format", envvar="RAY_INSPECT_LOG_FORMAT", type=click.Choice(["text", "json"]),
+              default="text", show_default=True,
+              help="json: one JSON object per log line, with run id and image key.")
 @click.pass_context
 def main(ctx: click.Context, s3_endpoint: str | None, metrics_port: int, metrics_bind: str,
          pushgateway: str | None, log_format: str) -> None:
@@ -76,15 +97,18 @@ def main(ctx: click.Context, s3_endpoint: str | None, metrics_port: int, metrics
 @click.argument("out")
 @click.option("--texture", default=("plain",), multiple=True, show_default=True,
               help="Texture(s) to generate; one MVTec-layout root per texture under OUT.")
-@click.option("--train", "n_train", default=SynthConfig.train, show_default=True, help="Defect-free training images.")
-@click.option("--test", "n_test", default=SynthConfig.test_defective, show_default=True, help="Defective test images.")
-@click.option("--good", "n_good", default=SynthConfig.test_good, show_default=True, help="Defect-free test images.")
+@click.option("--train", "n_train", default=SynthConfig.train, show_default=True,
+              help="Defect-free training images.")
+@click.option("--test", "n_test", default=SynthConfig.test_defective, show_default=True,
+              help="Defective test images.")
+@click.option("--good", "n_good", default=SynthConfig.test_good, show_default=True,
+              help="Defect-free test images.")
 @click.option("--validation", "n_val", default=SynthConfig.validation, show_default=True,
               help="Defect-free validation images (for calibrate).")
 @click.option("--size", default=SynthConfig.size, show_default=True, help="Image side in pixels.")
 @click.option("--seed", default=SynthConfig.seed, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def synth(out, texture, n_train, n_test, n_good, n_val, size, seed, as_json):
+def synth(out, texture, n_train, n_test, n_good, n_val, size, seed, as_json):  # noqa: PLR0913 - one argument per click option
     """Write a deterministic synthetic woven-fabric data set (MVTec AD layout) under OUT/<texture>."""
     from ray_inspect.io import storage
     from ray_inspect.io.synth import generate
@@ -103,12 +127,13 @@ def synth(out, texture, n_train, n_test, n_good, n_val, size, seed, as_json):
 @click.argument("dataset")
 @click.argument("patches")
 @click.option("--patches", "n", default=PrepareConfig.patches, show_default=True, help="Number of patches.")
-@click.option("--resize", default="256", show_default=True, help="Downscale training images to PX x PX, or 'none'.")
+@click.option("--resize", default="256", show_default=True,
+              help="Downscale training images to PX x PX, or 'none'.")
 @click.option("--channels", default=1, type=click.Choice(["1", "3"]), show_default=True)
 @click.option("--chunk", default=PrepareConfig.chunk, show_default=True, help="Patches per Zarr chunk.")
 @click.option("--seed", default=PrepareConfig.seed, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):
+def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):  # noqa: PLR0913 - one argument per click option
     """Crop random 128x128 training patches of DATASET into a Zarr v3 array at PATCHES."""
     from ray_inspect.io.patches import prepare as run
 
@@ -116,7 +141,8 @@ def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):
     cfg = PrepareConfig(patches=n, resize=size, channels=int(channels), chunk=chunk, seed=seed)
     with click.progressbar(length=n, label="patches", file=sys.stderr) as bar:
         attrs = run(dataset, patches, cfg, progress=bar.update)
-    _emit(attrs, as_json, f"{patches}: {n} patches from {attrs['images']} images, fingerprint {attrs['fingerprint']}")
+    _emit(attrs, as_json,
+          f"{patches}: {n} patches from {attrs['images']} images, fingerprint {attrs['fingerprint']}")
 
 
 @main.command()
@@ -131,7 +157,8 @@ def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):
 @click.option("--precision", type=click.Choice(PRECISIONS), default=TrainConfig.precision, show_default=True)
 @click.option("--alexnet-weights", default=None, help="torchvision AlexNet state dict (needed by --loss fm).")
 @click.option("--seed", default=TrainConfig.seed, show_default=True)
-@click.option("--workers", default=RunConfig.workers, show_default=True, help="Data-parallel Ray Train workers.")
+@click.option("--workers", default=RunConfig.workers, show_default=True,
+              help="Data-parallel Ray Train workers.")
 @click.option("--use-gpu/--no-gpu", default=None, help="Default: GPUs when the cluster has one per worker.")
 @click.option("--storage", default=None, help="Run storage for checkpoints (path or s3://).")
 @click.option("--run-name", default=None, help="Run name; rerunning with the same name resumes.")
@@ -140,10 +167,11 @@ def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):
               help="Restarts from the last checkpoint when a worker dies.")
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True)
-def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, precision, alexnet_weights, seed,
-          workers, use_gpu, storage, run_name, checkpoint_every, max_failures, address, as_json):
+def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, precision,  # noqa: PLR0913 - one argument per click option
+          alexnet_weights, seed, workers, use_gpu, storage, run_name, checkpoint_every, max_failures, address,
+          as_json):
     """Train an autoencoder on PATCHES with Ray Train and write the model directory MODEL."""
-    from ray_inspect.distributed.train import fit
+    from ray_inspect.distributed.train import TrainHooks, fit
     from ray_inspect.io.patches import open_patches
 
     if loss == "fm" and not alexnet_weights:
@@ -154,20 +182,29 @@ def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, pr
                        precision=precision)
     run = RunConfig(workers=workers, use_gpu=use_gpu, storage=storage, run_name=run_name,
                     checkpoint_every=checkpoint_every, max_failures=max_failures, address=address)
-    resumed = []
     tel = click.get_current_context().obj["telemetry"]
-
-    def on_epoch(s):
-        if s["resumed_from"] and s["resumed_from"] not in resumed:
-            resumed.append(s["resumed_from"])
-            tel.say(f"resumed from epoch {s['resumed_from']} (last checkpoint)", resumed_from=s["resumed_from"])
-        tel.say(f"epoch {s['epoch']:>4}/{epochs}  loss {s['loss']:.5f}  {s['patches_per_s']:.0f} patches/s"
-                f"  ({s['workers']} worker{'s' if s['workers'] > 1 else ''})",
-                **{k: s[k] for k in ("epoch", "loss", "patches_per_s", "workers")})
-
-    card = fit(patches, model, mcfg, tcfg, run, alexnet_weights, on_epoch=on_epoch, telemetry=tel.train())
+    hooks = TrainHooks(on_epoch=_EpochLines(tel, epochs), telemetry=tel.train())
+    card = fit(patches, model, mcfg, tcfg, run, alexnet_weights, hooks)
     _emit({"model": model, "card": json.loads(card.to_json())}, as_json,
           f"{model}: {loss} model, final loss {card.training['final_loss']:.5f}")
+
+
+class _EpochLines:
+    """The progress line of every epoch, and one when the run resumed from a checkpoint."""
+
+    def __init__(self, tel, epochs: int):
+        self.tel, self.epochs = tel, epochs
+        self.resumed: set[int] = set()
+
+    def __call__(self, s: dict) -> None:
+        if s["resumed_from"] and s["resumed_from"] not in self.resumed:
+            self.resumed.add(s["resumed_from"])
+            self.tel.say(f"resumed from epoch {s['resumed_from']} (last checkpoint)",
+                         resumed_from=s["resumed_from"])
+        workers = f"{s['workers']} worker{'s' if s['workers'] > 1 else ''}"
+        self.tel.say(f"epoch {s['epoch']:>4}/{self.epochs}  loss {s['loss']:.5f}  "
+                     f"{s['patches_per_s']:.0f} patches/s  ({workers})",
+                     **{k: s[k] for k in ("epoch", "loss", "patches_per_s", "workers")})
 
 
 def _inspect_cfg(stride, precision, batch_size):
@@ -175,9 +212,12 @@ def _inspect_cfg(stride, precision, batch_size):
 
 
 inspect_options = [
-    click.option("--stride", default=InspectConfig.stride, show_default=True, help="Window stride in pixels."),
-    click.option("--precision", type=click.Choice(PRECISIONS), default=InspectConfig.precision, show_default=True),
-    click.option("--batch-size", default=InspectConfig.batch_size, show_default=True, help="Tiles per forward."),
+    click.option("--stride", default=InspectConfig.stride, show_default=True,
+                 help="Window stride in pixels."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default=InspectConfig.precision,
+                 show_default=True),
+    click.option("--batch-size", default=InspectConfig.batch_size, show_default=True,
+                 help="Tiles per forward."),
 ]
 
 
@@ -192,11 +232,13 @@ def _with(options):
 @main.command()
 @click.argument("model")
 @click.argument("images")
-@click.option("--min-area", type=int, default=None, help="MVTec rule: no region of A pixels on validation images.")
-@click.option("--fpr", type=float, default=None, help="Target pixel false-positive rate on validation images.")
+@click.option("--min-area", type=int, default=None,
+              help="MVTec rule: no region of A pixels on validation images.")
+@click.option("--fpr", type=float, default=None,
+              help="Target pixel false-positive rate on validation images.")
 @_with(inspect_options)
 @click.option("--json", "as_json", is_flag=True)
-def calibrate(model, images, min_area, fpr, stride, precision, batch_size, as_json):
+def calibrate(model, images, min_area, fpr, stride, precision, batch_size, as_json):  # noqa: PLR0913 - one argument per click option
     """Set MODEL's threshold from defect-free validation IMAGES (ROOT/validation/good or a folder)."""
     from ray_inspect.steps.calibrate import calibrate as run
 
@@ -212,7 +254,8 @@ class _Progress:
     def __init__(self, label: str):
         self.label, self.bar = label, None
 
-    def __call__(self, done: int, total: int, key: str, status: str) -> None:
+    def __call__(self, done: int, total: int, key: str, outcome: str) -> None:
+        """One more image ended (``outcome``: an ``Outcome``, ok, skipped or error)."""
         if self.bar is None:
             self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
             self.bar.__enter__()
@@ -238,14 +281,15 @@ class _Progress:
 @click.option("--concurrency", type=click.IntRange(1), default=None,
               help="Images an actor works on at once (default: one computing per CPU, or one per GPU, plus "
                    "one reading or writing); 1 gives one image at a time all of the actor's CPUs.")
-@click.option("--region-pixels", type=click.IntRange(1), default=InspectConfig.region_pixels, show_default=True,
+@click.option("--region-pixels", type=click.IntRange(1), default=InspectConfig.region_pixels,
+              show_default=True,
               help="Images with more pixels are processed in bands of about this many (bounded memory).")
 @click.option("--force", is_flag=True, help="Redo images whose outputs are already complete.")
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def scan(ctx, model, source, out, stride, precision, batch_size, threshold, workers, gpus_per_worker,
-         cpus_per_worker, concurrency, region_pixels, force, address, as_json):
+def scan(ctx, model, source, out, stride, precision, batch_size, threshold, workers,  # noqa: PLR0913 - one argument per click option
+         gpus_per_worker, cpus_per_worker, concurrency, region_pixels, force, address, as_json):
     """Scan SOURCE (MVTec root, folder or s3:// prefix) with MODEL on Ray actors into OUT.
 
     Rerunning the same command resumes: images whose outputs are complete for the same model and
@@ -256,19 +300,21 @@ def scan(ctx, model, source, out, stride, precision, batch_size, threshold, work
     from dataclasses import replace
 
     from ray_inspect.distributed.scan import scan as run
+    from ray_inspect.records import ScanError
     from ray_inspect.report import SUMMARY_KEYS, summary_table
 
-    options = ScanOptions(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                          concurrency=concurrency, force=force, address=address)
+    options = ScanOptions(workers=workers, gpus_per_worker=gpus_per_worker,
+                          cpus_per_worker=cpus_per_worker, concurrency=concurrency, force=force,
+                          address=address)
     cfg = replace(_inspect_cfg(stride, precision, batch_size), region_pixels=region_pixels)
     tel = ctx.find_root().obj["telemetry"]
     json_logs = tel.cfg.log_format == "json"
     bar = None if json_logs else _Progress("scan")   # JSON logs: one record per bad input, no bar
 
-    def on_error(err):
+    def on_error(err: ScanError) -> None:
         if bar is not None:
             click.echo("", err=True)
-        tel.say(f"skipped {err['url']}: {err['reason']}", level=logging.WARNING, key=err["key"], kind=err["kind"])
+        tel.say(f"skipped {err.url}: {err.reason}", level=logging.WARNING, key=err.key, kind=err.kind)
 
     try:
         summary = run(model, source, out, cfg, threshold, options=options, telemetry=tel.scan(),

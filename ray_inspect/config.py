@@ -82,7 +82,7 @@ class InspectConfig:
     """Inference: sliding windows, precision, segmentation."""
 
     stride: int = 30
-    batch_size: int = 64          # tiles per forward; 64 is the fastest on 2-core AVX-512 CPUs
+    batch_size: int = 64          # tiles per forward (the speed measurements use 64: docs/benchmarks.md)
     precision: str = "bfloat16"
     opening_diameter: int = 4     # circular structuring element of diameter 4 (not disk(4), which is 9 wide)
     seed: int = 0                 # VAE latent sampling
@@ -94,7 +94,8 @@ class InspectConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
         if not 1 <= self.stride <= 128:
-            raise ValueError(f"stride must be between 1 and the 128-px window (every pixel covered), not {self.stride}")
+            raise ValueError("stride must be between 1 and the 128-px window (every pixel covered), "
+                             f"not {self.stride}")
 
 
 @dataclass(frozen=True)

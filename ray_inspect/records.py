@@ -44,7 +44,7 @@ class FailureKind(StrEnum):
 class InputError(ValueError):
     """A bad input file; str() is one line naming the file and the problem."""
 
-    def __init__(self, url: str, reason: str, kind: str = FailureKind.INVALID):
+    def __init__(self, url: str, reason: str, kind: FailureKind | str = FailureKind.INVALID):
         super().__init__(f"{url}: {reason}")
         self.url, self.reason, self.kind = url, reason, FailureKind.of(kind)
 

@@ -6,27 +6,28 @@ import io
 import json
 
 import matplotlib
+import numpy as np
+import tifffile
+
+from ray_inspect.core.metrics import PixelROC
+from ray_inspect.io import storage
+from ray_inspect.io.images import read_image, read_mask, resize_image, resize_mask
+from ray_inspect.records import ImageRecord
+from ray_inspect.steps.imagescan import output_urls
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tifffile  # noqa: E402
-
-from ray_inspect.core.metrics import PixelROC  # noqa: E402
-from ray_inspect.io.images import read_image, read_mask, resize_image, resize_mask  # noqa: E402
-from ray_inspect.steps.imagescan import output_urls  # noqa: E402
-
-from . import storage  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402 - pyplot once the non-interactive backend is chosen
 
 OVERLAY_MAX_PIXELS = 4096 * 4096   # larger images are not drawn (a figure could not show them anyway)
 SUMMARY_KEYS = ("pixel_auroc", "au_pro", "image_auroc", "pixel_auroc_opened", "au_pro_opened")
 
 
-def load_records(out: str) -> list[dict]:
+def load_records(out: str) -> list[ImageRecord]:
+    """The records of a scan's images (records/**/*.json)."""
     base = storage.join(out, "records")
     if not storage.exists(base):
         return []
-    return [json.loads(storage.read_text(u)) for u in storage.find(base) if u.endswith(".json")]
+    return [ImageRecord.from_json(storage.read_text(u)) for u in storage.find(base) if u.endswith(".json")]
 
 
 def load_report(out: str) -> dict:
@@ -73,18 +74,20 @@ def roc_figure(raw: PixelROC, opened: PixelROC | None, fpr_limit: float = 0.3) -
             f, p = roc.pro_curve()
             b.plot(f, p, label=f"{name} (AU-PRO {roc.au_pro(fpr_limit):.3f})")
     a.plot([0, 1], [0, 1], "k:", lw=0.8)
-    a.set(xlabel="false-positive rate (good pixels)", ylabel="true-positive rate (defect pixels)", title="pixel ROC")
+    a.set(xlabel="false-positive rate (good pixels)", ylabel="true-positive rate (defect pixels)",
+          title="pixel ROC")
     b.axvline(fpr_limit, color="k", ls=":", lw=0.8)
-    b.set(xlabel="false-positive rate", ylabel="per-region overlap", xlim=(0, min(1, 2 * fpr_limit)), title="PRO")
+    b.set(xlabel="false-positive rate", ylabel="per-region overlap", xlim=(0, min(1, 2 * fpr_limit)),
+          title="PRO")
     a.legend(loc="lower right")
     b.legend(loc="lower right")
     return _png(fig)
 
 
-def overlay_figure(record: dict, out: str) -> bytes:
+def overlay_figure(record: ImageRecord, out: str) -> bytes:
     """Input with predicted mask (red) and ground truth (green outline), beside the residual map."""
-    urls = output_urls(out, record["stem"])
-    original = read_image(record["url"], 1)
+    urls = output_urls(out, record.stem)
+    original = read_image(record.url, 1)
     residual = tifffile.imread(io.BytesIO(storage.read_bytes(urls["residual"]))).astype(np.float32)
     size = None if original.shape == residual.shape else residual.shape
     img = resize_image(original, size)
@@ -94,10 +97,10 @@ def overlay_figure(record: dict, out: str) -> bytes:
     if storage.exists(mask_url):
         m = read_image(mask_url, 1) > 0.5
         a.imshow(np.ma.masked_where(~m, m), cmap="autumn", alpha=0.45)
-    if record.get("mask_url"):
-        gt = resize_mask(read_mask(record["mask_url"], original.shape), size)
+    if record.mask_url:
+        gt = resize_mask(read_mask(record.mask_url, original.shape), size)
         a.contour(gt, levels=[0.5], colors="lime", linewidths=1)
-    a.set_title(f"{record['key']}  score {record['score']:.3f}", fontsize=9)
+    a.set_title(f"{record.key}  score {record.score:.3f}", fontsize=9)
     im = b.imshow(residual, cmap="inferno")
     b.set_title("residual", fontsize=9)
     fig.colorbar(im, ax=b, fraction=0.046)
@@ -117,10 +120,10 @@ def write_report(out: str, worst: int = 5) -> dict:
         if raw.defect.sum() and raw.good.sum():
             storage.write_bytes(storage.join(out, "roc.png"), roc_figure(raw, opened))
             written.append(storage.join(out, "roc.png"))
-    records = [r for r in load_records(out) if r["height"] * r["width"] <= OVERLAY_MAX_PIXELS]
-    records = sorted(records, key=lambda r: -r["score"])[:worst]
+    records = [r for r in load_records(out) if r.height * r.width <= OVERLAY_MAX_PIXELS]
+    records = sorted(records, key=lambda r: -r.score)[:worst]
     for i, rec in enumerate(records):
-        url = storage.join(out, "overlays", f"{i:02d}_" + rec["stem"].replace("/", "_") + ".png")
+        url = storage.join(out, "overlays", f"{i:02d}_" + rec.stem.replace("/", "_") + ".png")
         storage.write_bytes(url, overlay_figure(rec, out))
         written.append(url)
     rep["written"] = written

@@ -63,8 +63,9 @@ class Evaluation:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        arrays = {f"{name}_{part}": getattr(roc, part) for name, roc in (("raw", self.raw), ("opened", self.opened))
-                  for part in ("good", "defect", "pro")}
+        rocs = (("raw", self.raw), ("opened", self.opened))
+        arrays = {f"{name}_{part}": getattr(roc, part)
+                  for name, roc in rocs for part in ("good", "defect", "pro")}
         np.savez_compressed(buf, **arrays, scores=np.array(self.scores, np.float64),
                             labels=np.array(self.labels, bool), range=np.array(self.raw.range, np.float64),
                             meta=np.array([self.cfg.bins, self.raw.regions], np.int64),

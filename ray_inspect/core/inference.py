@@ -11,6 +11,7 @@ import copy
 import warnings
 import zlib
 from dataclasses import replace
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -72,14 +73,15 @@ def prepare_model(model: nn.Module, precision: str, device: torch.device | str =
 
 class _FusedConvStack(nn.Module):
     """A Sequential of convolutions and LeakyReLUs run as oneDNN bfloat16 convolutions with the
-    activation fused into each (a post-op): ~1.5x the autocast forward of the autoencoder on one
-    core, where a separate in-place activation pass re-reads every activation from memory.
+    activation fused into each (a post-op): faster than autocast's forward, where a separate
+    in-place activation pass re-reads every activation from memory (docs/benchmarks.md).
     Outputs are bfloat16 like autocast's, and agree with them to a bfloat16 rounding step."""
 
     def __init__(self, seq: nn.Sequential):
         super().__init__()
         mods, self.steps = list(seq), []
-        self.convs = nn.ModuleList(m for m in mods if not isinstance(m, nn.LeakyReLU))   # parameters() and device
+        # the convolutions as submodules, for parameters() and the device
+        self.convs = nn.ModuleList(m for m in mods if not isinstance(m, nn.LeakyReLU))
         for i, conv in enumerate(mods):
             if isinstance(conv, nn.LeakyReLU):
                 continue
@@ -96,15 +98,16 @@ class _FusedConvStack(nn.Module):
 
     @staticmethod
     def fusable(m: nn.Module) -> bool:
-        if not isinstance(m, nn.Sequential) or len(m) == 0 or not isinstance(m[0], (nn.Conv2d, nn.ConvTranspose2d)):
+        convs = (nn.Conv2d, nn.ConvTranspose2d)
+        if not isinstance(m, nn.Sequential) or len(m) == 0 or not isinstance(m[0], convs):
             return False
         for x in m:
-            if isinstance(x, (nn.Conv2d, nn.ConvTranspose2d)):
+            if isinstance(x, convs):
                 if x.groups != 1 or x.padding_mode != "zeros" or isinstance(x.padding, str):
                     return False
             elif not isinstance(x, nn.LeakyReLU):
                 return False
-        return not any(isinstance(a, nn.LeakyReLU) and isinstance(b, nn.LeakyReLU) for a, b in zip(m, m[1:]))
+        return not any(isinstance(a, nn.LeakyReLU) and isinstance(b, nn.LeakyReLU) for a, b in pairwise(m))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -164,8 +167,7 @@ class Reconstructor:
         c, h, w = image.shape
         padded = pad_to_patch(image.to(self.device, torch.float32), self.patch)
         grid = self.grid(padded.shape[1], padded.shape[2])
-        whole = Band((0, h), (0, h), (0, h), (0, len(grid.ys)), (0, padded.shape[1]))
-        recon, nll = self.run_band(padded, grid, whole, key)
+        recon, nll = self.run_band(padded, grid, Band.whole(grid, h), key)
         return recon[..., :w], (None if nll is None else nll[..., :w])
 
     def run_band(self, rows: torch.Tensor, grid: TileGrid, band: Band,
@@ -188,13 +190,15 @@ class Reconstructor:
                 if nll is not None:
                     overlap_add(nll, self._vae_nll(tiles, pos, key), local)
         c0, c1 = band.recon_rows
-        cover = (grid.coverage if (c0, c1) == (0, grid.height) else grid.coverage_rows(c0, c1)).to(self.device)
+        whole = (c0, c1) == (0, grid.height)
+        cover = (grid.coverage if whole else grid.coverage_rows(c0, c1)).to(self.device)
         recon = acc[:, c0 - i0 : c1 - i0].div_(cover).clamp_(0.0, 1.0)
         if nll is not None:
             nll = nll[:, c0 - i0 : c1 - i0] / cover
         return recon, nll
 
-    def residual(self, image: torch.Tensor, recon: torch.Tensor, nll: torch.Tensor | None = None) -> torch.Tensor:
+    def residual(self, image: torch.Tensor, recon: torch.Tensor,
+                 nll: torch.Tensor | None = None) -> torch.Tensor:
         """(H, W) residual: 1 - SSIM (SSIM-AE), squared error (L2-AE, FM-AE) or NLL (VAE), channel mean."""
         image = image.to(recon.device, torch.float32)
         if self.model_cfg.loss == "ssim":

@@ -36,7 +36,7 @@ def _feature_matching(alexnet: AlexNetFeatures, lam: float) -> LossFn:
     def loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         recon = model(x)
         l2 = F.mse_loss(recon.float(), x.float())
-        feats = sum(F.mse_loss(a.float(), b.float()) for a, b in zip(alexnet(recon), alexnet(x)))
+        feats = sum(F.mse_loss(a.float(), b.float()) for a, b in zip(alexnet(recon), alexnet(x), strict=True))
         return l2 + lam * feats
     return loss
 

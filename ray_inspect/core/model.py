@@ -34,7 +34,7 @@ def _encoder(channels: int, latent_out: int) -> nn.Sequential:
 def _decoder(channels: int, latent: int) -> nn.Sequential:
     layers: list[nn.Module] = [nn.ConvTranspose2d(latent, ENCODER[-1][0], 8, 1, 0), _act()]
     outs = [c for c, *_ in ENCODER[:-1]][::-1] + [channels]
-    for (cin, k, s, p), cout in zip(ENCODER[::-1], outs):
+    for (cin, k, s, p), cout in zip(ENCODER[::-1], outs, strict=True):
         layers.append(nn.ConvTranspose2d(cin, cout, k, s, p))
         layers.append(_act())
     layers.pop()  # linear output
@@ -137,7 +137,8 @@ class AlexNetFeatures(nn.Module):
             state = state.state_dict()
         if not isinstance(state, dict):
             raise ValueError(f"{source}: not an AlexNet state dict (a {type(state).__name__})")
-        wanted = {k: v for k, v in state.items() if k.split(".")[0] == "features" and int(k.split(".")[1]) <= 6}
+        wanted = {k: v for k, v in state.items()
+                  if k.split(".")[0] == "features" and int(k.split(".")[1]) <= 6}
         missing = [k for k in net.state_dict() if k not in wanted]
         if missing:
             raise ValueError(f"{source}: not an AlexNet state dict (missing {', '.join(missing)})")

@@ -35,7 +35,8 @@ class TileGrid:
 
     def __post_init__(self) -> None:
         if self.height < self.patch or self.width < self.patch:
-            raise ValueError(f"grid of {self.height}x{self.width} is smaller than a {self.patch}-px window; pad first")
+            raise ValueError(f"grid of {self.height}x{self.width} is smaller than a {self.patch}-px window; "
+                             "pad first")
 
     @cached_property
     def ys(self) -> np.ndarray:
@@ -103,6 +104,11 @@ class Band:
     recon_rows: tuple[int, int]      # reconstruction needed: residual rows +- the SSIM radius
     grid_rows: tuple[int, int]       # window rows reaching the reconstruction rows, group-aligned
     input_rows: tuple[int, int]      # image rows those windows read
+
+    @classmethod
+    def whole(cls, grid: TileGrid, height: int) -> Band:
+        """The one band of an image of ``height`` rows: every row, every window row of ``grid``."""
+        return cls((0, height), (0, height), (0, height), (0, len(grid.ys)), (0, grid.height))
 
 
 def plan_bands(grid: TileGrid, height: int, band_rows: int, margin: int, radius: int,

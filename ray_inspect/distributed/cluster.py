@@ -23,5 +23,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
         if address:
             ray.init(address=address, log_to_driver=True, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True, **kwargs)
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                     **kwargs)
     return ray.cluster_resources()

@@ -20,46 +20,59 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, TypedDict, Unpack
 
 from ray_inspect.config import InspectConfig, MetricsConfig, ScanOptions
 from ray_inspect.core.evaluation import Evaluation
 from ray_inspect.io import storage
 from ray_inspect.io.artifact import ModelCard, read_card
 from ray_inspect.io.datasets import Sample, list_samples
-from ray_inspect.records import InputError
-from ray_inspect.steps.imagescan import output_stems, output_urls, scan_image
+from ray_inspect.records import FailureKind, ImageRecord, InputError, Outcome, ScanError
+from ray_inspect.steps.imagescan import ScanTarget, output_stems, output_urls, scan_image
+from ray_inspect.telemetry import NULL_SCAN, ScanRecorder
 
 EXIT_OK, EXIT_PARTIAL = 0, 3
 SCAN_FORMAT = 2          # bump when outputs of the same settings change
 
-
-class NullTelemetry:
-    """The telemetry interface the scan reports to; this one records nothing."""
-
-    def start(self, info: dict) -> None: ...
-    def actors(self, n: int) -> None: ...
-    def in_flight(self, n: int) -> None: ...
-    def image(self, record: dict) -> None: ...
-    def failed(self, kind: str) -> None: ...
-    def finish(self, summary: dict, ok: bool) -> None: ...
+Progress = Callable[[int, int, str, Outcome], None]
 
 
-def scan_fingerprint(card: ModelCard, cfg: InspectConfig, threshold: float | None, metrics_cfg: MetricsConfig) -> str:
+class ScanHooks(TypedDict, total=False):
+    """Who hears of a scan as it runs (keyword arguments of ``scan``, each optional)."""
+
+    telemetry: ScanRecorder | None               # metrics and logs of the run (default: none)
+    progress: Progress | None                    # progress(done, total, key, outcome) after each image
+    on_error: Callable[[ScanError], None] | None  # each image not scanned, as errors.jsonl records it
+
+
+def scan_fingerprint(card: ModelCard, cfg: InspectConfig, threshold: float | None,
+                     metrics_cfg: MetricsConfig) -> str:
     """Identity of everything that changes an image's outputs; records carry it."""
-    key = [SCAN_FORMAT, card.fingerprint, threshold, cfg.stride, cfg.precision, cfg.opening_diameter, cfg.seed,
-           metrics_cfg.bins, list(card.score_range)]
+    key = [SCAN_FORMAT, card.fingerprint, threshold, cfg.stride, cfg.precision, cfg.opening_diameter,
+           cfg.seed, metrics_cfg.bins, list(card.score_range)]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """How one image's scan on an actor ended: OK with its record (and statistics, when labelled),
+    or ERROR with what was wrong with the input."""
+
+    outcome: Outcome
+    record: ImageRecord | None = None
+    stats: bytes | None = None
+    error: ScanError | None = None
 
 
 class ScanActor:
     """One model on one device; ``scan`` runs in a few threads at once, at most ``slots`` of them
     computing (each with ``threads`` threads for torch and OpenCV) while the others read or write."""
 
-    def __init__(self, model_url: str, cfg: InspectConfig, threshold: float | None, out: str,
-                 fingerprint: str, metrics_cfg: MetricsConfig, threads: int, slots: int = 1):
+    def __init__(self, model_url: str, cfg: InspectConfig, threshold: float | None, target: ScanTarget,
+                 threads: int, slots: int = 1):
         import cv2
         import ray
         import torch
@@ -72,21 +85,20 @@ class ScanActor:
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         model = load_model(model_url, device)
         self.inspector = Inspector(model, model.card, cfg, threshold, device)
-        self.out, self.fingerprint, self.metrics_cfg = out, fingerprint, metrics_cfg
-        self.lock = threading.BoundedSemaphore(max(1, slots))       # images computing
-        self.large = threading.BoundedSemaphore(max(1, slots))      # images beyond one region in memory
+        self.target = target
+        self.compute_slots = threading.BoundedSemaphore(max(1, slots))          # images computing
+        self.large_image_permits = threading.BoundedSemaphore(max(1, slots))    # images beyond one region
 
     def pid(self) -> int:
         return os.getpid()
 
-    def scan(self, sample: Sample, stem: str) -> dict:
+    def scan(self, sample: Sample, stem: str) -> ScanResult:
         try:
-            record, stats = scan_image(self.inspector, sample, stem, self.out, self.fingerprint,
-                                       self.metrics_cfg, self.lock, self.large)
+            record, stats = scan_image(self.inspector, sample, stem, self.target, self.compute_slots,
+                                       self.large_image_permits)
         except InputError as exc:
-            return {"status": "error", "error": {"key": sample.key, "url": exc.url, "reason": exc.reason,
-                                                 "kind": exc.kind}}
-        return {"status": "ok", "record": record, "stats": stats}
+            return ScanResult(Outcome.ERROR, error=ScanError(sample.key, exc.url, exc.reason, exc.kind))
+        return ScanResult(Outcome.OK, record, stats)
 
 
 @dataclass
@@ -106,9 +118,9 @@ class _Ledger:
     score_range: tuple[float, float]
     metrics_cfg: MetricsConfig
     out: str
-    status: dict[int, str] = field(default_factory=dict)        # index -> ok | skipped | error
+    status: dict[int, Outcome] = field(default_factory=dict)    # index -> OK | SKIPPED | ERROR
     stats: dict[int, bytes] = field(default_factory=dict)       # labelled, until their shard is written
-    errors: list[dict] = field(default_factory=list)
+    errors: list[ScanError] = field(default_factory=list)
     tiles: int = 0
 
     def __post_init__(self):
@@ -118,7 +130,7 @@ class _Ledger:
                 self.pending[i // self.shard_size] = self.pending.get(i // self.shard_size, 0) + 1
         self._shards: dict[int, Evaluation] = {}
 
-    def done(self, index: int, status: str, stats: bytes | None = None, tiles: int = 0) -> None:
+    def done(self, index: int, status: Outcome, stats: bytes | None = None, tiles: int = 0) -> None:
         if index in self.status:
             return                                                  # counted once, whatever happens
         self.status[index] = status
@@ -130,6 +142,9 @@ class _Ledger:
             self.pending[shard] -= 1
             if self.pending[shard] == 0:
                 self._close_shard(shard)
+
+    def count(self, status: Outcome) -> int:
+        return sum(1 for v in self.status.values() if v == status)
 
     def _close_shard(self, shard: int) -> None:
         """Sum the shard's images in listing order (so the floating sums never depend on the
@@ -152,7 +167,7 @@ class _Ledger:
         return total
 
 
-def _complete(out: str, items: list[_Item], fingerprint: str) -> dict[int, dict]:
+def _complete(out: str, items: list[_Item], fingerprint: str) -> dict[int, ImageRecord]:
     """Records of this scan that are already complete (same fingerprint, same input version)."""
     records_root = storage.join(out, "records")
     if not storage.exists(records_root):
@@ -160,12 +175,12 @@ def _complete(out: str, items: list[_Item], fingerprint: str) -> dict[int, dict]
     present = set(storage.find(records_root))
     todo = [it for it in items if output_urls(out, it.stem)["record"] in present]
 
-    def read(it: _Item):
+    def read(it: _Item) -> tuple[int, ImageRecord | None]:
         try:
-            rec = json.loads(storage.read_text(output_urls(out, it.stem)["record"]))
-        except (storage.StorageError, ValueError):
+            rec = ImageRecord.from_json(storage.read_text(output_urls(out, it.stem)["record"]))
+        except (storage.StorageError, ValueError, TypeError, AttributeError):   # unreadable: scan it again
             return it.index, None
-        ok = rec.get("fingerprint") == fingerprint and rec.get("version") == it.sample.version
+        ok = rec.fingerprint == fingerprint and rec.version == it.sample.version
         return it.index, rec if ok else None
 
     with ThreadPoolExecutor(16) as pool:
@@ -174,7 +189,7 @@ def _complete(out: str, items: list[_Item], fingerprint: str) -> dict[int, dict]
 
 def _read_stats(out: str, items: list[_Item]) -> dict[int, bytes | None]:
     """Statistics of complete labelled images (None where they cannot be read: scan it again)."""
-    def read(it: _Item):
+    def read(it: _Item) -> tuple[int, bytes | None]:
         try:
             return it.index, storage.read_bytes(output_urls(out, it.stem)["stats"])
         except storage.StorageError:
@@ -218,9 +233,8 @@ def _actor_env(shape: _Shape) -> dict:
     """The actors' environment (merged into the job's). A CPU actor computing one image at a time on
     one thread gets one glibc malloc arena: its images take turns on two threads, and memory freed
     on one thread otherwise stays in that thread's arena while the next image allocates afresh on
-    the other (two 16,384² images through one actor: 1.63 GiB peak with per-thread arenas, 1.33
-    with one). Actors with several computing threads keep glibc's arena per thread: with one arena
-    their threads wait on each other's allocations (two slots: 0.84 -> 0.67 of the bare rate).
+    the other, raising the actor's peak (docs/benchmarks.md). Actors with several computing threads
+    keep glibc's arena per thread: with one arena their threads wait on each other's allocations.
     A MALLOC_ARENA_MAX of the user's wins."""
     if shape.gpus or shape.slots * shape.threads > 1 or "MALLOC_ARENA_MAX" in os.environ:
         return {}
@@ -228,8 +242,9 @@ def _actor_env(shape: _Shape) -> dict:
 
 
 class _Pool:
-    """Actors with at most ``depth`` images each (queued in the actor beyond its concurrency). A dead actor is replaced at once and the images
-    it held come back as ``lost``, for the driver to hand to the next free actor."""
+    """Actors with at most ``depth`` images each (queued in the actor beyond its concurrency). A dead
+    actor is replaced at once and the images it held come back as LOST, for the driver to hand to
+    the next free actor."""
 
     def __init__(self, remote, args: tuple, workers: int, depth: int):
         import ray
@@ -248,11 +263,13 @@ class _Pool:
                 return
             for a in free[: len(queue)]:
                 item = queue.popleft()
-                self.inflight[self.actors[a].scan.remote(item.sample, item.stem)] = (a, self.generation[a], item)
+                ref = self.actors[a].scan.remote(item.sample, item.stem)
+                self.inflight[ref] = (a, self.generation[a], item)
                 self.busy[a] += 1
 
-    def results(self, timeout: float = 1.0):
-        """Yield (item, "ok" | "lost" | "failed", value) for whatever finished within ``timeout``."""
+    def results(self, timeout: float = 1.0) -> Iterator[tuple[_Item, Outcome, Any]]:
+        """Yield (item, outcome, value) for whatever finished within ``timeout``: OK with the actor's
+        ScanResult, LOST with the actor's death, FAILED with the exception the scan raised."""
         ray = self.ray
         ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
         for ref in ready:
@@ -260,129 +277,223 @@ class _Pool:
             if gen == self.generation[a]:
                 self.busy[a] -= 1
             try:
-                yield item, "ok", ray.get(ref)
+                yield item, Outcome.OK, ray.get(ref)
             except ray.exceptions.RayActorError as exc:
                 if gen == self.generation[a]:                        # replace a dead actor once
                     ray.kill(self.actors[a], no_restart=True)
                     self.actors[a] = self.remote.remote(*self.args)
                     self.generation[a], self.busy[a] = gen + 1, 0
-                yield item, "lost", exc
+                yield item, Outcome.LOST, exc
             except ray.exceptions.RayTaskError as exc:
-                yield item, "failed", exc.cause if getattr(exc, "cause", None) is not None else exc
+                yield item, Outcome.FAILED, exc.cause if getattr(exc, "cause", None) is not None else exc
 
     def close(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
 
 
+@dataclass(frozen=True)
+class ScanPlan:
+    """What one scan computes, from what, into where: absolute URLs, the model's card and the
+    settings that change outputs (their ``fingerprint`` marks the records)."""
+
+    model_url: str
+    source: str
+    out: str
+    card: ModelCard
+    cfg: InspectConfig
+    threshold: float | None
+    metrics_cfg: MetricsConfig
+    fingerprint: str
+
+    @classmethod
+    def create(cls, model_url: str, source: str, out: str, cfg: InspectConfig, threshold: float | None,
+               metrics_cfg: MetricsConfig) -> ScanPlan:
+        """Read the model's card; ``threshold`` None takes the card's."""
+        model_url, source, out = (storage.absolute(u) for u in (model_url, source, out))
+        card = read_card(model_url)
+        threshold = card.threshold if threshold is None else threshold
+        fingerprint = scan_fingerprint(card, cfg, threshold, metrics_cfg)
+        return cls(model_url, source, out, card, cfg, threshold, metrics_cfg, fingerprint)
+
+    def target(self) -> ScanTarget:
+        return ScanTarget(self.out, self.fingerprint, self.metrics_cfg)
+
+
+@dataclass
+class _Run:
+    """One scan as it runs: its plan, its images, its ledger, and who hears of it."""
+
+    plan: ScanPlan
+    options: ScanOptions
+    items: list[_Item]
+    ledger: _Ledger
+    telemetry: ScanRecorder
+    progress: Progress | None
+    on_error: Callable[[ScanError], None] | None
+    t_start: float
+    retried: int = 0
+
+    @classmethod
+    def create(cls, plan: ScanPlan, options: ScanOptions, hooks: ScanHooks, t_start: float) -> _Run:
+        """List the source (none: FileNotFoundError) and open the ledger."""
+        samples = list_samples(plan.source)
+        if not samples:
+            raise FileNotFoundError(f"{plan.source}: no images (PNG, TIFF, JPEG) found")
+        stems = output_stems([s.key for s in samples])
+        items = [_Item(i, s, stems[s.key]) for i, s in enumerate(samples)]
+        ledger = _Ledger(samples, options.shard_size, plan.card.score_range, plan.metrics_cfg, plan.out)
+        return cls(plan, options, items, ledger, hooks.get("telemetry") or NULL_SCAN, hooks.get("progress"),
+                   hooks.get("on_error"), t_start)
+
+    def tell(self, item: _Item, outcome: Outcome) -> None:
+        """Progress after ``item`` ended as ``outcome``."""
+        if self.progress:
+            self.progress(len(self.ledger.status), len(self.items), item.sample.key, outcome)
+
+    def seconds(self) -> float:
+        return round(time.time() - self.t_start, 3)
+
+
 def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConfig(),
          threshold: float | None = None, metrics_cfg: MetricsConfig = MetricsConfig(),
-         options: ScanOptions = ScanOptions(), telemetry=None,
-         progress: Callable[[int, int, str, str], None] | None = None,
-         on_error: Callable[[dict], None] | None = None) -> dict:
+         options: ScanOptions = ScanOptions(), **hooks: Unpack[ScanHooks]) -> dict:
     """Scan every image of ``source`` into ``out`` on Ray actors; returns the summary (also in
-    manifest.json) with ``exit_code``. ``progress(done, total, key, status)`` follows each image."""
-    import ray
-
+    manifest.json) with ``exit_code``. ``hooks`` (see ``ScanHooks``): ``telemetry`` records the run,
+    ``progress(done, total, key, outcome)`` follows each image, ``on_error`` gets each ScanError."""
     from ray_inspect.distributed.cluster import ensure_ray
 
     t_start = time.time()
-    telemetry = telemetry or NullTelemetry()
-    model_url, source, out = (storage.absolute(u) for u in (model_url, source, out))
-    card = read_card(model_url)
-    threshold = card.threshold if threshold is None else threshold
-    fingerprint = scan_fingerprint(card, cfg, threshold, metrics_cfg)
-    samples = list_samples(source)
-    if not samples:
-        raise FileNotFoundError(f"{source}: no images (PNG, TIFF, JPEG) found")
-    stems = output_stems([s.key for s in samples])
-    items = [_Item(i, s, stems[s.key]) for i, s in enumerate(samples)]
-    ledger = _Ledger(samples, options.shard_size, card.score_range, metrics_cfg, out)
-    storage.remove(storage.join(out, "_SUCCESS"))      # a reused OUT is not "finished" until this run is
+    run = _Run.create(ScanPlan.create(model_url, source, out, cfg, threshold, metrics_cfg), options, hooks,
+                      t_start)
+    storage.remove(storage.join(run.plan.out, "_SUCCESS"))   # a reused OUT is unfinished until this run is
+    queue = _resume(run)
+    shape = _pool_shape(options, ensure_ray(options.address))
+    workers = min(shape.workers, max(1, len(queue)))
+    run.telemetry.start(_start_info(run, workers, len(queue)))
+    try:
+        _dispatch(run, queue, shape, workers)
+        summary = _finalise(run, shape, workers)
+    except BaseException:
+        run.telemetry.finish({"images": len(run.items), "scanned": run.ledger.count(Outcome.OK),
+                              "failed": len(run.ledger.errors), "seconds": run.seconds()}, ok=False)
+        raise
+    run.telemetry.finish(summary, ok=True)
+    return summary
 
-    complete = {} if options.force else _complete(out, items, fingerprint)
-    stats = _read_stats(out, [it for it in items if it.index in complete and it.sample.labelled])
+
+def _resume(run: _Run) -> deque[_Item]:
+    """Count the images this scan already completed as SKIPPED; the others, in listing order, to scan."""
+    out = run.plan.out
+    complete = {} if run.options.force else _complete(out, run.items, run.plan.fingerprint)
+    stats = _read_stats(out, [it for it in run.items if it.index in complete and it.sample.labelled])
     complete = {i: rec for i, rec in complete.items() if stats.get(i, b"") is not None}
     for i in complete:
-        ledger.done(i, "skipped", stats.get(i))
-        if progress:
-            progress(len(ledger.status), len(samples), samples[i].key, "skipped")
-    queue = deque(it for it in items if it.index not in complete)
+        run.ledger.done(i, Outcome.SKIPPED, stats.get(i))
+        run.tell(run.items[i], Outcome.SKIPPED)
+    return deque(it for it in run.items if it.index not in complete)
 
-    resources = ensure_ray(options.address)
-    shape = _pool_shape(options, resources)
-    workers, gpus, cpus, depth = min(shape.workers, max(1, len(queue))), shape.gpus, shape.cpus, shape.depth
-    telemetry.start({"run_id": fingerprint + "-" + hex(int(t_start))[2:], "model_fingerprint": card.fingerprint,
-                     "stride": cfg.stride, "precision": cfg.precision, "workers": workers, "threshold": threshold,
-                     "images_total": len(samples), "to_scan": len(queue), "skipped": len(complete)})
-    try:
-        remote = ray.remote(ScanActor).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=shape.concurrency,
-                                               max_restarts=0, runtime_env=_actor_env(shape))
-        pool = _Pool(remote, (model_url, cfg, threshold, out, fingerprint, metrics_cfg, shape.threads, shape.slots),
-                     workers if queue else 0, depth)
-        telemetry.actors(len(pool.actors))
-        retried = 0
 
-        def fail(item: _Item, kind: str, reason: str, url: str | None = None) -> None:
-            err = {"key": item.sample.key, "url": url or item.sample.url, "reason": reason, "kind": kind}
-            ledger.errors.append(err)
-            ledger.done(item.index, "error")
-            telemetry.failed(kind)
-            if on_error:
-                on_error(err)
-            if progress:
-                progress(len(ledger.status), len(samples), item.sample.key, "error")
+def _start_info(run: _Run, workers: int, to_scan: int) -> dict:
+    plan = run.plan
+    return {"run_id": plan.fingerprint + "-" + hex(int(run.t_start))[2:],
+            "model_fingerprint": plan.card.fingerprint, "stride": plan.cfg.stride,
+            "precision": plan.cfg.precision, "workers": workers, "threshold": plan.threshold,
+            "images_total": len(run.items), "to_scan": to_scan, "skipped": len(run.items) - to_scan}
 
-        while queue or pool.inflight:
-            pool.fill(queue)
-            telemetry.in_flight(len(pool.inflight))
-            for item, outcome, value in pool.results():
-                if outcome == "lost":                                # its actor died: try another
-                    item.attempts += 1
-                    retried += 1
-                    if item.attempts < options.max_attempts:
-                        queue.appendleft(item)
-                    else:
-                        fail(item, "worker_died", f"its worker died {item.attempts} times ({type(value).__name__})")
-                elif outcome == "failed":
-                    kind = "storage" if isinstance(value, storage.StorageError) else "internal"
-                    fail(item, kind, (str(value).splitlines() or [type(value).__name__])[0][:300])
-                elif value["status"] == "error":
-                    e = value["error"]
-                    fail(item, e["kind"], e["reason"], e["url"])
-                else:
-                    ledger.done(item.index, "ok", value["stats"], value["record"]["tiles"])
-                    telemetry.image(value["record"])
-                    if progress:
-                        progress(len(ledger.status), len(samples), item.sample.key, "ok")
-        pool.close()
-        telemetry.actors(0)
-        telemetry.in_flight(0)
 
-        storage.write_text(storage.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in ledger.errors))
-        counts = {s: sum(1 for v in ledger.status.values() if v == s) for s in ("ok", "skipped", "error")}
-        summary = {"model": model_url, "model_fingerprint": card.fingerprint, "scan_fingerprint": fingerprint,
-                   "source": source, "out": out, "images": len(samples), "scanned": counts["ok"],
-                   "skipped": counts["skipped"], "failed": counts["error"], "retried": retried,
-                   "tiles": ledger.tiles, "workers": workers, "gpus_per_worker": gpus, "cpus_per_worker": cpus,
-                   "depth": depth, "concurrency": shape.concurrency, "compute_slots": shape.slots,
-                   "threads_per_slot": shape.threads,
-                   "threshold": threshold, "stride": cfg.stride, "precision": cfg.precision,
-                   "seconds": round(time.time() - t_start, 3)}
-        evaluation = ledger.evaluation()
-        if evaluation is not None and evaluation.images:
-            summary["metrics"] = evaluation.metrics()
-            storage.write_bytes(storage.join(out, "stats", "roc.npz"), evaluation.raw.to_bytes())
-            storage.write_bytes(storage.join(out, "stats", "roc_opened.npz"), evaluation.opened.to_bytes())
-            storage.write_text(storage.join(out, "metrics.json"), json.dumps(summary["metrics"], indent=2))
-        entries = [{"key": s.key, "stem": stems[s.key], "status": ledger.status.get(i, "missing")}
-                   for i, s in enumerate(samples)]
-        storage.write_text(storage.join(out, "manifest.json"), json.dumps({**summary, "entries": entries}, indent=2))
-        storage.write_text(storage.join(out, "_SUCCESS"), "")
-        summary["exit_code"] = EXIT_PARTIAL if ledger.errors else EXIT_OK
-    except BaseException:
-        telemetry.finish({"images": len(samples), "scanned": sum(1 for v in ledger.status.values() if v == "ok"),
-                          "failed": len(ledger.errors), "seconds": round(time.time() - t_start, 3)}, ok=False)
-        raise
-    telemetry.finish(summary, ok=True)
+def _dispatch(run: _Run, queue: deque[_Item], shape: _Shape, workers: int) -> None:
+    """Scan the queue on a pool of actors until every image has ended in the ledger."""
+    import ray
+
+    plan = run.plan
+    remote = ray.remote(ScanActor).options(num_cpus=shape.cpus, num_gpus=shape.gpus,
+                                           max_concurrency=shape.concurrency, max_restarts=0,
+                                           runtime_env=_actor_env(shape))
+    args = (plan.model_url, plan.cfg, plan.threshold, plan.target(), shape.threads, shape.slots)
+    pool = _Pool(remote, args, workers if queue else 0, shape.depth)
+    run.telemetry.actors(len(pool.actors))
+    while queue or pool.inflight:
+        pool.fill(queue)
+        run.telemetry.in_flight(len(pool.inflight))
+        for item, outcome, value in pool.results():
+            if outcome is Outcome.LOST:
+                _lost(run, queue, item, value)
+            elif outcome is Outcome.FAILED:
+                _failed(run, item, value)
+            elif value.outcome is Outcome.ERROR:
+                _fail(run, item, value.error)
+            else:
+                _scanned(run, item, value)
+    pool.close()
+    run.telemetry.actors(0)
+    run.telemetry.in_flight(0)
+
+
+def _scanned(run: _Run, item: _Item, result: ScanResult) -> None:
+    """The actor scanned the image: into the ledger with its statistics."""
+    run.ledger.done(item.index, Outcome.OK, result.stats, result.record.tiles)
+    run.telemetry.image(result.record)
+    run.tell(item, Outcome.OK)
+
+
+def _lost(run: _Run, queue: deque[_Item], item: _Item, exc: BaseException) -> None:
+    """The image's actor died: try it on another, unless it has been lost too often."""
+    item.attempts += 1
+    run.retried += 1
+    if item.attempts < run.options.max_attempts:
+        queue.appendleft(item)
+    else:
+        _fail(run, item, ScanError(item.sample.key, item.sample.url,
+                                   f"its worker died {item.attempts} times ({type(exc).__name__})",
+                                   FailureKind.WORKER_DIED))
+
+
+def _failed(run: _Run, item: _Item, exc: BaseException) -> None:
+    """The scan raised something other than bad input: a storage failure, or a bug."""
+    kind = FailureKind.STORAGE if isinstance(exc, storage.StorageError) else FailureKind.INTERNAL
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    _fail(run, item, ScanError(item.sample.key, item.sample.url, reason, kind))
+
+
+def _fail(run: _Run, item: _Item, error: ScanError) -> None:
+    """The image was not scanned: into errors.jsonl and the ledger."""
+    run.ledger.errors.append(error)
+    run.ledger.done(item.index, Outcome.ERROR)
+    run.telemetry.failed(error.kind)
+    if run.on_error:
+        run.on_error(error)
+    run.tell(item, Outcome.ERROR)
+
+
+def _finalise(run: _Run, shape: _Shape, workers: int) -> dict:
+    """Write errors.jsonl, the metrics, manifest.json and, last, _SUCCESS; returns the summary."""
+    out, ledger = run.plan.out, run.ledger
+    storage.write_text(storage.join(out, "errors.jsonl"), "".join(e.to_json() + "\n" for e in ledger.errors))
+    summary = _summary(run, shape, workers)
+    evaluation = ledger.evaluation()
+    if evaluation is not None and evaluation.images:
+        summary["metrics"] = evaluation.metrics()
+        storage.write_bytes(storage.join(out, "stats", "roc.npz"), evaluation.raw.to_bytes())
+        storage.write_bytes(storage.join(out, "stats", "roc_opened.npz"), evaluation.opened.to_bytes())
+        storage.write_text(storage.join(out, "metrics.json"), json.dumps(summary["metrics"], indent=2))
+    entries = [{"key": it.sample.key, "stem": it.stem, "status": ledger.status.get(it.index, Outcome.MISSING)}
+               for it in run.items]
+    manifest = json.dumps({**summary, "entries": entries}, indent=2)
+    storage.write_text(storage.join(out, "manifest.json"), manifest)
+    storage.write_text(storage.join(out, "_SUCCESS"), "")
+    summary["exit_code"] = EXIT_PARTIAL if ledger.errors else EXIT_OK
     return summary
+
+
+def _summary(run: _Run, shape: _Shape, workers: int) -> dict:
+    plan, ledger = run.plan, run.ledger
+    return {"model": plan.model_url, "model_fingerprint": plan.card.fingerprint,
+            "scan_fingerprint": plan.fingerprint, "source": plan.source, "out": plan.out,
+            "images": len(run.items), "scanned": ledger.count(Outcome.OK),
+            "skipped": ledger.count(Outcome.SKIPPED), "failed": ledger.count(Outcome.ERROR),
+            "retried": run.retried, "tiles": ledger.tiles, "workers": workers,
+            "gpus_per_worker": shape.gpus, "cpus_per_worker": shape.cpus, "depth": shape.depth,
+            "concurrency": shape.concurrency, "compute_slots": shape.slots, "threads_per_slot": shape.threads,
+            "threshold": plan.threshold, "stride": plan.cfg.stride, "precision": plan.cfg.precision,
+            "seconds": run.seconds()}

@@ -1,4 +1,4 @@
-"""Data-parallel training on Ray Train (V2 API): the epoch loop of ``train.py`` in every worker.
+"""Data-parallel training on Ray Train (V2 API): the epoch loop of ``steps.training`` in every worker.
 
 Each worker streams its own shard of the Zarr patches, DDP averages the gradients (gloo on CPU,
 NCCL on GPU), rank 0 checkpoints model, optimizer, epoch and RNG state every K epochs to the run
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import queue
 import tempfile
 import threading
 import time
-from dataclasses import asdict, replace
-from typing import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
@@ -26,15 +29,33 @@ from ray_inspect.io import storage
 from ray_inspect.io.artifact import ModelCard, load_alexnet, save_model
 from ray_inspect.io.patches import open_patches
 from ray_inspect.steps.training import PatchBatches, build, make_card, train_epoch
-from ray_inspect.telemetry import TrainTelemetry
+from ray_inspect.telemetry import NULL_TRAIN, TrainRecorder
 
 STATE = "state.pt"
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """What watches a training run from the driver.
+
+    ``on_epoch`` gets rank 0's statistics of every finished epoch (epoch, loss, patches, seconds,
+    patches_per_s, workers, resumed_from, ranks_in_sync, param_digest, and checkpoint_seconds when it
+    checkpointed); if it raises, training goes on and ``fit`` raises that exception at the end.
+    ``telemetry`` records the run for Prometheus (start, every epoch, outcome; failures count too).
+    """
+
+    on_epoch: EpochCallback | None = None
+    telemetry: TrainRecorder | None = None
 
 
 def default_run_name(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
                      fingerprint: str | None = None) -> str:
     """Same inputs (including the patches' content fingerprint), same run: a rerun resumes."""
-    key = json.dumps([patches_url, fingerprint, model_url, asdict(model_cfg), asdict(train_cfg)], sort_keys=True)
+    key = json.dumps([patches_url, fingerprint, model_url, asdict(model_cfg), asdict(train_cfg)],
+                     sort_keys=True)
     return f"{model_cfg.loss}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -46,9 +67,12 @@ def _storage_fs(url: str):
     import pyarrow.fs as pafs
 
     endpoint = os.environ.get(storage.ENDPOINT_ENV)
-    fs = pafs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5)) if endpoint else \
-        pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5))
+    retries = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
+    if endpoint:
+        region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region, retry_strategy=retries)
+    else:
+        fs = pafs.S3FileSystem(retry_strategy=retries)
     return url.split("://", 1)[1].rstrip("/"), fs
 
 
@@ -57,23 +81,26 @@ def _steps_per_epoch(batches: PatchBatches, epoch: int) -> int:
     n = batches.array.shape[0]
     counts = []
     for r in range(batches.world):
-        chunks = PatchBatches(batches.array, batches.batch_size, batches.seed, r, batches.world).chunks_for(epoch)
-        counts.append(sum(min(batches.chunk, n - c * batches.chunk) for c in chunks))
+        shard = PatchBatches(batches.array, batches.batch_size, batches.seed, r, batches.world)
+        counts.append(sum(min(batches.chunk, n - c * batches.chunk) for c in shard.chunks_for(epoch)))
     return max(1, -(-min(counts) // batches.batch_size))
 
 
-def _limited(it, steps: int):
+def _limited(it: Iterable, steps: int) -> Iterator:
     for i, x in enumerate(it):
         if i >= steps:
             break
         yield x
 
 
+# --------------------------------------------------------------------------------------------
+# In every Ray Train worker
+# --------------------------------------------------------------------------------------------
+
 def train_loop(config: dict) -> None:
     """Runs in every Ray Train worker."""
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -83,14 +110,7 @@ def train_loop(config: dict) -> None:
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
     model, opt, loss_fn = build(model_cfg, train_cfg, config.get("alexnet_weights"), device)
-    start, state = 0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        torch.set_rng_state(state["rng"])
-        start = int(state["epoch"]) + 1
+    start, state = _restore(model)
     ddp = ray.train.torch.prepare_model(model)
     if state is not None:
         opt.load_state_dict(state["optimizer"])  # after the move: Adam's state follows the parameters' device
@@ -99,49 +119,87 @@ def train_loop(config: dict) -> None:
     every = max(1, int(config["checkpoint_every"]))
     for epoch in range(start, train_cfg.epochs):
         t0 = time.time()
-        steps = _steps_per_epoch(data, epoch)
-        stats = train_epoch(ddp, opt, _limited(data.epoch(epoch), steps), loss_fn, train_cfg.precision, device)
-        totals = torch.tensor([stats["loss"] * stats["patches"], stats["patches"]], dtype=torch.float64)
-        digest = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-        lo, hi = digest.clone(), digest.clone()
-        if world > 1:
-            dist.all_reduce(totals)
-            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        batches = _limited(data.epoch(epoch), _steps_per_epoch(data, epoch))
+        stats = train_epoch(ddp, opt, batches, loss_fn, train_cfg.precision, device)
+        totals, in_sync, digest = _all_ranks(stats, model, world)
         seconds = time.time() - t0
         metrics = {"epoch": epoch + 1, "loss": float(totals[0] / totals[1]), "patches": int(totals[1]),
                    "seconds": seconds, "patches_per_s": float(totals[1]) / seconds, "workers": world,
-                   "resumed_from": start, "ranks_in_sync": bool(lo == hi), "param_digest": float(digest)}
-        last = epoch + 1 == train_cfg.epochs
-        if (epoch + 1) % every == 0 or last:
-            t_ckpt = time.time()
-            with tempfile.TemporaryDirectory() as d:
-                checkpoint = None
-                if rank == 0:
-                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                                "rng": torch.get_rng_state(), "metrics": metrics}, os.path.join(d, STATE))
-                    checkpoint = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:05d}")
-            metrics = {**metrics, "checkpoint_seconds": time.time() - t_ckpt}   # write and persist, for telemetry
+                   "resumed_from": start, "ranks_in_sync": in_sync, "param_digest": digest}
+        if (epoch + 1) % every == 0 or epoch + 1 == train_cfg.epochs:   # the last epoch always checkpoints
+            metrics = _report_checkpoint(model, opt, epoch, metrics, rank)
         else:
             ray.train.report(metrics)
         if rank == 0 and config.get("progress") is not None:
             config["progress"].put(metrics)
 
 
+def _restore(model: torch.nn.Module) -> tuple[int, dict | None]:
+    """Load the run's last checkpoint into ``model`` and the torch RNG; returns (first epoch to run,
+    the checkpoint's state or None)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, None
+    with ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    torch.set_rng_state(state["rng"])
+    return int(state["epoch"]) + 1, state
+
+
+def _all_ranks(stats: dict, model: torch.nn.Module, world: int) -> tuple[torch.Tensor, bool, float]:
+    """(loss sum and patch count over all ranks, whether all ranks hold the same parameters, this
+    rank's parameter digest)."""
+    import torch.distributed as dist
+
+    totals = torch.tensor([stats["loss"] * stats["patches"], stats["patches"]], dtype=torch.float64)
+    digest = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    lo, hi = digest.clone(), digest.clone()
+    if world > 1:
+        dist.all_reduce(totals)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return totals, bool(lo == hi), float(digest)
+
+
+def _report_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, metrics: dict,
+                       rank: int) -> dict:
+    """Report ``metrics`` with a checkpoint that rank 0 writes; returns them with the seconds it took
+    to write and persist it (for telemetry)."""
+    import ray.train
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                        "rng": torch.get_rng_state(), "metrics": metrics}, os.path.join(d, STATE))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:05d}")
+    return {**metrics, "checkpoint_seconds": time.time() - t0}
+
+
+# --------------------------------------------------------------------------------------------
+# In the driver
+# --------------------------------------------------------------------------------------------
+
 def fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig = TrainConfig(),
         run: RunConfig = RunConfig(), alexnet_weights: str | None = None,
-        on_epoch: Callable[[dict], None] | None = None, telemetry: TrainTelemetry | None = None) -> ModelCard:
+        hooks: TrainHooks | None = None) -> ModelCard:
     """Train on Ray Train (a local Ray when no cluster is given) and write the model directory.
 
-    ``telemetry`` records the run for Prometheus (start, every epoch, outcome); failures count too.
+    ``hooks``: the epoch callback and the telemetry recorder (see ``TrainHooks``).
     """
-    tel = telemetry or TrainTelemetry.disabled()
+    hooks = hooks or TrainHooks()
+    tel = hooks.telemetry or NULL_TRAIN
+    on_epoch = hooks.on_epoch
     tel.start({"loss": model_cfg.loss, "latent": model_cfg.latent, "channels": model_cfg.channels,
-               "precision": train_cfg.precision, "batch_size": train_cfg.batch_size, "epochs": train_cfg.epochs,
-               "workers": run.workers, "run_name": run.run_name or ""})
+               "precision": train_cfg.precision, "batch_size": train_cfg.batch_size,
+               "epochs": train_cfg.epochs, "workers": run.workers, "run_name": run.run_name or ""})
     if tel.enabled:
-        on_epoch = _tee(on_epoch, tel.epoch)
+        on_epoch = _tee(tel.epoch, on_epoch)   # the recorder first: a failing callback does not blind it
     try:
         card = _fit(patches_url, model_url, model_cfg, train_cfg, run, alexnet_weights, on_epoch)
     except BaseException:
@@ -152,7 +210,7 @@ def fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: Tra
     return card
 
 
-def _tee(*callbacks: Callable[[dict], None] | None) -> Callable[[dict], None]:
+def _tee(*callbacks: EpochCallback | None) -> EpochCallback:
     calls = [c for c in callbacks if c is not None]
 
     def both(stats: dict) -> None:
@@ -161,64 +219,130 @@ def _tee(*callbacks: Callable[[dict], None] | None) -> Callable[[dict], None]:
     return both
 
 
+class _ProgressPump:
+    """Hands rank 0's epoch statistics from the workers' queue to ``on_epoch``, in a driver thread
+    that runs while the block does and delivers every queued epoch before the block ends.
+
+    An empty poll (``queue.Empty``, which Ray's queue raises too) is the only expected exception.
+    ``gone`` are the exceptions of a queue whose actor died (the node it ran on was lost): the pump
+    then stops, with a warning. The first exception of ``on_epoch`` is logged when it happens and
+    kept in ``error`` (for ``fit`` to raise after training); later epochs are still delivered.
+    """
+
+    def __init__(self, progress: Any, on_epoch: EpochCallback, gone: tuple[type[Exception], ...] = ()):
+        self.progress, self.on_epoch, self.gone = progress, on_epoch, gone
+        self.error: Exception | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ray-inspect-epochs", daemon=True)
+
+    def __enter__(self) -> _ProgressPump:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()   # the queue is drained: every epoch reached on_epoch before fit goes on
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set() or not self.progress.empty():
+                try:
+                    stats = self.progress.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                self._deliver(stats)
+        except self.gone as exc:
+            log.warning("epoch progress lost with its queue: %s", exc)
+
+    def _deliver(self, stats: dict) -> None:
+        try:
+            self.on_epoch(stats)
+        except Exception as exc:  # noqa: BLE001 - kept, logged once here and raised by fit after training
+            if self.error is None:
+                self.error = exc
+                log.warning("the epoch callback failed at epoch %s (%s: %s); training goes on, the run will "
+                            "end with this error", stats.get("epoch"), type(exc).__name__, exc)
+
+
 def _fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig,
-         alexnet_weights: str | None, on_epoch: Callable[[dict], None] | None) -> ModelCard:
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
+         alexnet_weights: str | None, on_epoch: EpochCallback | None) -> ModelCard:
+    from ray.exceptions import RayActorError
     from ray.util.queue import Queue
 
     # Ray Train workers run in their own working directory: hand them absolute local paths.
-    patches_url, alexnet_weights = storage.absolute(patches_url), alexnet_weights and storage.absolute(alexnet_weights)
-    if model_cfg.loss == "fm":
-        load_alexnet(alexnet_weights or "")  # a bad weights file fails here, not in every worker
-    arr = open_patches(patches_url)
-    if arr.shape[1] != model_cfg.channels:
-        raise ValueError(f"{patches_url}: patches have {arr.shape[1]} channel(s), the model expects {model_cfg.channels}")
-    attrs = dict(arr.attrs)
-    resources = ensure_ray(run.address)
-    gpus = resources.get("GPU", 0)
-    use_gpu = gpus >= run.workers if run.use_gpu is None else run.use_gpu
-    if use_gpu and gpus < run.workers:
-        raise ValueError(f"--use-gpu asks for {run.workers} GPU worker(s), the cluster has {int(gpus)} GPU(s)")
-    cpus = run.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // run.workers)
+    patches_url = storage.absolute(patches_url)
+    alexnet_weights = alexnet_weights and storage.absolute(alexnet_weights)
+    attrs = _checked_patches(patches_url, model_cfg, alexnet_weights)
+    use_gpu, cpus = _placement(run)
     storage_url = run.storage or os.path.join(os.path.expanduser("~"), ".cache", "ray-inspect", "runs")
-    storage_path, fs = _storage_fs(storage_url)
-    name = run.run_name or default_run_name(patches_url, model_url, model_cfg, train_cfg, attrs.get("fingerprint"))
-    progress = Queue() if on_epoch else None
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"model": asdict(model_cfg), "train": asdict(train_cfg), "patches": patches_url,
-                           "alexnet_weights": alexnet_weights, "checkpoint_every": run.checkpoint_every,
-                           "threads": cpus, "progress": progress},
-        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
-        run_config=RayRunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
-                                failure_config=FailureConfig(max_failures=run.max_failures),
-                                checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    stop = threading.Event()
-    if progress is not None:
-        def pump():
-            while not stop.is_set() or not progress.empty():
-                try:
-                    on_epoch(progress.get(timeout=0.5))
-                except Exception:  # noqa: BLE001 - queue.Empty and shutdown races
-                    continue
-        pumper = threading.Thread(target=pump, daemon=True)
-        pumper.start()
-    try:
-        result = trainer.fit()
-    finally:
-        stop.set()
-        if progress is not None:
-            pumper.join(timeout=5)
+    name = run.run_name or default_run_name(patches_url, model_url, model_cfg, train_cfg,
+                                            attrs.get("fingerprint"))
+    pump = _ProgressPump(Queue(), on_epoch, gone=(RayActorError,)) if on_epoch else None
+    config = {"model": asdict(model_cfg), "train": asdict(train_cfg), "patches": patches_url,
+              "alexnet_weights": alexnet_weights, "checkpoint_every": run.checkpoint_every, "threads": cpus,
+              "progress": pump.progress if pump else None}
+    result = _run(_trainer(config, run, use_gpu, name, storage_url), pump)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
     model = build_model(model_cfg)
     model.load_state_dict(state["model"])
-    history = [state["metrics"]]
-    card = make_card(model_cfg, train_cfg, patches_url, attrs, history)
+    card = make_card(model_cfg, train_cfg, patches_url, attrs, [state["metrics"]])
     card = replace(card, training={**card.training, "run_name": name, "storage": storage_url,
-                                   "workers": run.workers, "use_gpu": use_gpu, "epochs_run": int(state["epoch"]) + 1})
+                                   "workers": run.workers, "use_gpu": use_gpu,
+                                   "epochs_run": int(state["epoch"]) + 1})
     return save_model(model_url, model.eval().to(memory_format=torch.contiguous_format), card)
+
+
+def _run(trainer: Any, pump: _ProgressPump | None) -> Any:
+    """``trainer.fit()``'s result, the pump delivering the epochs meanwhile; an error of the epoch
+    callback is raised once the training has finished."""
+    if pump is None:
+        return trainer.fit()
+    with pump:
+        result = trainer.fit()
+    if pump.error is not None:
+        pump.error.add_note("raised by the epoch callback; the training finished and checkpointed, "
+                            "so a rerun resumes there and writes the model")
+        raise pump.error
+    return result
+
+
+def _checked_patches(patches_url: str, model_cfg: ModelConfig, alexnet_weights: str | None) -> dict:
+    """The patches' attributes, once the inputs are known to fit the model (a bad file fails here,
+    not in every worker)."""
+    if model_cfg.loss == "fm":
+        load_alexnet(alexnet_weights or "")
+    arr = open_patches(patches_url)
+    if arr.shape[1] != model_cfg.channels:
+        raise ValueError(f"{patches_url}: patches have {arr.shape[1]} channel(s), "
+                         f"the model expects {model_cfg.channels}")
+    return dict(arr.attrs)
+
+
+def _placement(run: RunConfig) -> tuple[bool, int]:
+    """(GPUs or not, CPUs per worker) on the cluster ``run`` joins or starts."""
+    resources = ensure_ray(run.address)
+    gpus = resources.get("GPU", 0)
+    use_gpu = gpus >= run.workers if run.use_gpu is None else run.use_gpu
+    if use_gpu and gpus < run.workers:
+        raise ValueError(f"--use-gpu asks for {run.workers} GPU worker(s), "
+                         f"the cluster has {int(gpus)} GPU(s)")
+    return use_gpu, run.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // run.workers)
+
+
+def _trainer(config: dict, run: RunConfig, use_gpu: bool, name: str, storage_url: str):
+    """The TorchTrainer of ``train_loop`` with ``config``, checkpointing to ``storage_url``/``name``."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, fs = _storage_fs(storage_url)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config["threads"]}),
+        run_config=RayRunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
+                                failure_config=FailureConfig(max_failures=run.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )

@@ -47,7 +47,6 @@ class ModelCard:
     model: ModelConfig
     resize: int | None = 256
     source_size: tuple[int, int] | None = None   # training images' (H, W) before the resize
-    stride: int = 30
     threshold: float | None = None
     threshold_rule: dict[str, Any] | None = None
     score_range: tuple[float, float] = (0.0, 2.0)
@@ -76,7 +75,8 @@ class ModelCard:
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelCard":
+    def from_json(cls, text: str) -> ModelCard:
+        """A card as written; keys this version does not know (an older card's ``stride``) are ignored."""
         d = json.loads(text)
         d["model"] = from_dict(ModelConfig, d["model"])
         d["score_range"] = tuple(d.get("score_range", score_range(d["model"].loss)))
@@ -86,8 +86,8 @@ class ModelCard:
     @property
     def fingerprint(self) -> str:
         """Identity of the model and the settings that change its outputs."""
-        key = json.dumps([self.weights_sha256, self.resize, self.source_size, self.threshold, asdict(self.model)],
-                         sort_keys=True)
+        key = json.dumps([self.weights_sha256, self.resize, self.source_size, self.threshold,
+                          asdict(self.model)], sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -136,5 +136,6 @@ def load_alexnet(path: str) -> AlexNetFeatures:
     try:
         state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - turn any unpickling failure into one clear line
-        raise ValueError(f"{path}: not a readable AlexNet state dict ({exc.__class__.__name__}: {exc})") from None
+        raise ValueError(f"{path}: not a readable AlexNet state dict "
+                         f"({exc.__class__.__name__}: {exc})") from None
     return AlexNetFeatures.from_state_dict(state, path)

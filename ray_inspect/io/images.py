@@ -12,7 +12,7 @@ from skimage.color import rgb2gray
 from skimage.transform import resize as sk_resize
 
 from ray_inspect.io import storage
-from ray_inspect.records import InputError
+from ray_inspect.records import FailureKind, InputError
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 # Line-scan and wafer images exceed Pillow's default bomb guard (179 Mpx); keep a guard, higher.
@@ -30,11 +30,12 @@ def _check_pixels(arr: np.ndarray, url: str) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32, copy=False)
         if not np.isfinite(arr).all():
-            raise InputError(url, "image contains NaN or infinite values", "nan")
+            raise InputError(url, "image contains NaN or infinite values", FailureKind.NAN)
         if arr.min() < 0 or arr.max() > 1:
-            raise InputError(url, f"float image values outside [0, 1] ({arr.min():.3g}..{arr.max():.3g})", "range")
+            raise InputError(url, f"float image values outside [0, 1] ({arr.min():.3g}..{arr.max():.3g})",
+                             FailureKind.RANGE)
         return arr
-    raise InputError(url, f"unsupported pixel type {arr.dtype}", "mode")
+    raise InputError(url, f"unsupported pixel type {arr.dtype}", FailureKind.MODE)
 
 
 def _layout(arr: np.ndarray, url: str) -> np.ndarray:
@@ -47,7 +48,7 @@ def _layout(arr: np.ndarray, url: str) -> np.ndarray:
         arr = arr[..., :3]
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3):
         return arr
-    raise InputError(url, f"unsupported image shape {arr.shape}", "mode")
+    raise InputError(url, f"unsupported image shape {arr.shape}", FailureKind.MODE)
 
 
 def to_float(arr: np.ndarray, channels: int = 1) -> np.ndarray:
@@ -70,7 +71,7 @@ def decode_raw(data: bytes, url: str) -> np.ndarray:
     """Bytes of a PNG/TIFF/JPEG -> validated pixels in their own type (uint8, uint16, bool or
     float32), (H, W) or (H, W, 3). A large image stays compact until ``to_float`` on a band."""
     if not data:
-        raise InputError(url, "empty file (0 bytes)", "empty")
+        raise InputError(url, "empty file (0 bytes)", FailureKind.EMPTY)
     ext = os.path.splitext(url.lower())[1]
     try:
         if ext in (".tif", ".tiff") or data[:4] in (b"II*\x00", b"MM\x00*"):
@@ -83,7 +84,7 @@ def decode_raw(data: bytes, url: str) -> np.ndarray:
                 if im.mode == "I;16" or im.mode.startswith("I;16"):
                     arr = np.array(im, dtype=np.uint16)
                 elif im.mode in ("I", "F"):
-                    raise InputError(url, f"unsupported PNG/JPEG mode {im.mode}", "mode")
+                    raise InputError(url, f"unsupported PNG/JPEG mode {im.mode}", FailureKind.MODE)
                 else:
                     arr = np.asarray(im)
     except InputError:
@@ -92,9 +93,9 @@ def decode_raw(data: bytes, url: str) -> np.ndarray:
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         if isinstance(exc, UnidentifiedImageError):
             reason = "not an image (cannot identify format)"
-        raise InputError(url, f"corrupt or truncated image ({reason[:160]})", "corrupt") from None
+        raise InputError(url, f"corrupt or truncated image ({reason[:160]})", FailureKind.CORRUPT) from None
     if arr.size == 0:
-        raise InputError(url, "image has no pixels", "empty")
+        raise InputError(url, "image has no pixels", FailureKind.EMPTY)
     return _layout(_check_pixels(np.asarray(arr), url), url)
 
 
@@ -108,7 +109,7 @@ def fetch(url: str) -> bytes:
     try:
         return storage.read_bytes(url)
     except storage.StorageError as exc:
-        raise InputError(url, str(exc).split(": ", 1)[-1], "unreadable") from None
+        raise InputError(url, str(exc).split(": ", 1)[-1], FailureKind.UNREADABLE) from None
 
 
 def peek_shape(data: bytes, url: str) -> tuple[int, int] | None:
@@ -142,7 +143,8 @@ def read_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
     """Ground-truth mask as bool (H, W); it must match the image size."""
     m = read_image(url, channels=1)
     if m.shape != shape:
-        raise InputError(url, f"mask is {m.shape[1]}x{m.shape[0]}, image is {shape[1]}x{shape[0]}", "mask")
+        raise InputError(url, f"mask is {m.shape[1]}x{m.shape[0]}, image is {shape[1]}x{shape[0]}",
+                         FailureKind.MASK)
     return m > 0.5
 
 

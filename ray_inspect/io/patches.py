@@ -38,7 +38,8 @@ class _ImageCache:
         img = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
         p = self.cfg.patch
         if img.shape[1] < p or img.shape[2] < p:
-            raise ValueError(f"{self.urls[i]}: image is {img.shape[2]}x{img.shape[1]}, smaller than a {p}-px patch")
+            raise ValueError(f"{self.urls[i]}: image is {img.shape[2]}x{img.shape[1]}, "
+                             f"smaller than a {p}-px patch")
         self.items[i] = img
         self.size += img.nbytes
         while self.size > self.budget and len(self.items) > 1:
@@ -88,7 +89,8 @@ def prepare(dataset: str, out: str, cfg: PrepareConfig = PrepareConfig(),
 def open_patches(url: str) -> zarr.Array:
     """Open a prepared patch array read-only; refuses one whose preparation did not finish."""
     try:
-        arr = zarr.open_array(store=_store(url), mode="r", storage_options=storage.storage_options(url) or None)
+        arr = zarr.open_array(store=_store(url), mode="r",
+                              storage_options=storage.storage_options(url) or None)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise storage.StorageError(f"{url}: not a patch array ({exc.__class__.__name__})") from None
     if not arr.attrs.get("complete"):

@@ -29,7 +29,8 @@ class StorageError(OSError):
 
 
 def _transient(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError)):
+    permanent = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError)
+    if isinstance(exc, permanent):
         return False
     return isinstance(exc, (OSError, TimeoutError, ConnectionError))
 
@@ -207,11 +208,12 @@ def find_versions(url: str) -> dict[str, str]:
     fs, path = get_fs(url)
     if not fs.exists(path):
         raise StorageError(f"{url}: no such directory or prefix")
-    proto = "file://" if url.startswith("file://") else (url.split("://", 1)[0] + "://" if "://" in url else "")
+    proto = url.split("://", 1)[0] + "://" if "://" in url else ""    # file://, s3://, ... or none
     out = {}
     for f, info in fs.find(path, detail=True).items():
         tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-        out[proto + f if proto and not f.startswith(proto) else f] = f"{info.get('size')}-{str(tag).strip(chr(34))}"
+        name = proto + f if proto and not f.startswith(proto) else f
+        out[name] = f"{info.get('size')}-{str(tag).strip(chr(34))}"
     return dict(sorted(out.items()))
 
 

@@ -45,7 +45,7 @@ WEAVES = {
 TEXTURES = tuple(WEAVES)
 
 
-class Sample(NamedTuple):
+class Rendered(NamedTuple):
     """One rendered image: the (possibly defective) image, its clean version, and the defect mask."""
 
     image: np.ndarray          # float32 (H, W) in [0, 1]
@@ -222,10 +222,8 @@ def contamination(img: np.ndarray, rng: np.random.Generator, weave: Weave) -> tu
     size, s = img.shape[0], img.shape[0] / 512
     mask = blob(rng, size, rng.uniform(14, 35) * s, 0.8)
     opacity = np.clip(0.8 + 0.15 * smooth_noise(rng, size, 12 * s), 0.5, 1.0)
-    if rng.random() < 0.6:
-        stained = img * rng.uniform(0.35, 0.6)
-    else:
-        stained = 0.35 * img + rng.uniform(0.55, 0.65)
+    oil = rng.random() < 0.6
+    stained = img * rng.uniform(0.35, 0.6) if oil else 0.35 * img + rng.uniform(0.55, 0.65)
     a = alpha(mask) * opacity
     return img * (1 - a) + stained * a, mask
 
@@ -248,18 +246,18 @@ DEFECT_FUNCTIONS = {"cut": cut, "rough": rough, "contamination": contamination, 
 # Data set
 
 
-def render(cfg: SynthConfig, group: str, index: int) -> Sample:
+def render(cfg: SynthConfig, group: str, index: int) -> Rendered:
     """Image number `index` of a group (see plan), deterministically."""
     check(cfg)
     tex_rng, defect_rng = rng_for(cfg, group, index).spawn(2)
     clean = texture(cfg.texture, cfg.size, tex_rng)
     kind = group.split("/", 1)[1]
     if kind == "good":
-        return Sample(clean, clean, None)
+        return Rendered(clean, clean, None)
     if kind not in DEFECT_FUNCTIONS:
         raise ValueError(f"unknown defect type {kind!r}; choose one of {', '.join(DEFECTS)}")
     image, mask = DEFECT_FUNCTIONS[kind](clean, defect_rng, WEAVES[cfg.texture])
-    return Sample(np.clip(image, 0, 1).astype(np.float32), clean, mask)
+    return Rendered(np.clip(image, 0, 1).astype(np.float32), clean, mask)
 
 
 def generate(out: str, cfg: SynthConfig, progress: Callable[[int], object] | None = None) -> dict:
@@ -270,13 +268,13 @@ def generate(out: str, cfg: SynthConfig, progress: Callable[[int], object] | Non
         counts[group] = count
         kind = group.split("/", 1)[1]
         for index in range(count):
-            sample = render(cfg, group, index)
+            rendered = render(cfg, group, index)
             name = f"{index:03d}"
             storage.write_bytes(storage.join(out, *group.split("/"), f"{name}.png"),
-                                encode_png(to_uint8(sample.image)))
-            if sample.mask is not None:
+                                encode_png(to_uint8(rendered.image)))
+            if rendered.mask is not None:
                 storage.write_bytes(storage.join(out, "ground_truth", kind, f"{name}_mask.png"),
-                                    encode_png(sample.mask.astype(np.uint8) * 255))
+                                    encode_png(rendered.mask.astype(np.uint8) * 255))
             if progress is not None:
                 progress(1)
     return {

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
-import json
 import os
 import posixpath
 import resource
@@ -23,6 +22,8 @@ import socket
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import tifffile
@@ -36,7 +37,8 @@ from ray_inspect.core.segmentation import RegionCounter
 from ray_inspect.io import storage
 from ray_inspect.io.datasets import Sample
 from ray_inspect.io.images import fetch, peek_shape
-from ray_inspect.steps.inspector import Inspector, LoadedImage
+from ray_inspect.records import ImageRecord, Outcome
+from ray_inspect.steps.inspector import BandResult, Inspector, LoadedImage
 
 SPOOL_BYTES = 64 << 20   # residual maps larger than this go through a local temporary file
 
@@ -72,7 +74,7 @@ class _Accumulator:
             self.labels = label(gt, connectivity=2)
             self.sizes = np.bincount(self.labels.ravel())
 
-    def add(self, band) -> None:
+    def add(self, band: BandResult) -> None:
         r0, r1 = band.rows
         self.score = max(self.score, float(band.residual.max()))
         if band.mask is not None:
@@ -81,37 +83,57 @@ class _Accumulator:
             self.regions.add(band.mask)
         if self.evaluation is not None:
             self.score_opened = max(self.score_opened, float(band.opened.max()))
-            self.evaluation.add_rows(band.residual, band.opened, self.gt[r0:r1], self.labels[r0:r1], self.sizes)
+            self.evaluation.add_rows(band.residual, band.opened, self.gt[r0:r1], self.labels[r0:r1],
+                                     self.sizes)
         self.tiles += band.tiles
         self.bands += 1
         self.timings.update(band.timings)
 
+    def statistics(self, defective: bool) -> bytes | None:
+        """The image's ground-truth statistics, once all its bands are in (None: unlabelled)."""
+        if self.evaluation is None:
+            return None
+        self.evaluation.add_image(self.score, defective, int(self.sizes.size - 1))
+        return self.evaluation.to_bytes()
+
 
 def _encode_mask(packed: list[np.ndarray], height: int, width: int) -> bytes:
+    """The mask as a 1-bit PNG: smaller and quicker to encode than an 8-bit one."""
     buf = io.BytesIO()
     Image.frombytes("1", (width, height), b"".join(p.tobytes() for p in packed)).save(
-        buf, format="PNG", compress_level=1)   # 1-bit: 7x smaller and 3x faster to encode than 8-bit
+        buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
-def scan_image(inspector: Inspector, sample: Sample, stem: str, out: str, fingerprint: str,
-               metrics_cfg: MetricsConfig = MetricsConfig(), lock=None, large=None) -> tuple[dict, bytes | None]:
-    """Scan ``sample`` into ``out``; returns its record and its statistics (labelled images).
+@dataclass(frozen=True)
+class ScanTarget:
+    """Where a scan writes its images' outputs and what they are computed under: OUT, the scan's
+    fingerprint (every record carries it) and the histogram settings of the statistics."""
 
-    Several images may share one model: ``lock`` (a lock or semaphore) is held around each band's
-    computation, so reads, encoding and writes of one overlap the computation of another; ``large``
-    (likewise) is held by an image beyond one region from its decoding to its last write, so that
-    large images do not add up in memory. Bad input raises InputError.
+    out: str
+    fingerprint: str
+    metrics_cfg: MetricsConfig = MetricsConfig()
+
+
+def scan_image(inspector: Inspector, sample: Sample, stem: str, target: ScanTarget,
+               compute_slots=None, large_image_permits=None) -> tuple[ImageRecord, bytes | None]:
+    """Scan ``sample`` into ``target.out``; returns its record and its statistics (labelled images).
+
+    Several images may share one model: ``compute_slots`` (a lock or semaphore) is held around each
+    band's computation, so reads, encoding and writes of one overlap the computation of another;
+    ``large_image_permits`` (likewise) is held by an image beyond one region from its decoding to
+    its last write, so that large images do not add up in memory. Bad input raises InputError.
     """
     t0 = time.perf_counter()
     data = fetch(sample.url)
     shape = peek_shape(data, sample.url)
     big = shape is not None and inspector.is_large(*shape)
-    with (large if big and large is not None else contextlib.nullcontext()):
+    permit = large_image_permits if big and large_image_permits is not None else contextlib.nullcontext()
+    with permit:
         try:
             img = inspector.read(sample, data)
             del data
-            return _scan(inspector, sample, img, stem, out, fingerprint, metrics_cfg, lock, time.perf_counter() - t0)
+            return _scan(inspector, sample, img, stem, target, compute_slots, time.perf_counter() - t0)
         finally:
             if big:
                 img = None
@@ -121,65 +143,77 @@ def scan_image(inspector: Inspector, sample: Sample, stem: str, out: str, finger
 def _trim_heap() -> None:
     """Return the allocator's free memory to the system after a large image, so that an actor does
     not keep that image's peak resident while it goes on with others."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):      # not glibc
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):      # not glibc
-        pass
 
 
-def _scan(inspector: Inspector, sample: Sample, img: LoadedImage, stem: str, out: str, fingerprint: str,
-          metrics_cfg: MetricsConfig, lock, t_read: float) -> tuple[dict, bytes | None]:
-    lock = lock or contextlib.nullcontext()
+def _scan(inspector: Inspector, sample: Sample, img: LoadedImage, stem: str, target: ScanTarget,
+          compute_slots, t_read: float) -> tuple[ImageRecord, bytes | None]:
     h, w = img.pixels.shape[:2]
-    acc = _Accumulator(inspector, img.gt, metrics_cfg)
-
-    def strips():
-        bands = inspector.bands(img.pixels, sample.key, grey=img.gt is not None)
-        while True:
-            with lock:
-                band = next(bands, None)
-            if band is None:
-                return
-            acc.add(band)
-            yield torch.from_numpy(band.residual).half().numpy().astype("<f2", copy=False).tobytes()   # 4x numpy's astype
-
-    urls = output_urls(out, stem)
-    written = 0
-    with tempfile.TemporaryDirectory(prefix="ray-inspect-") if h * w * 2 > SPOOL_BYTES else \
-            contextlib.nullcontext() as spool:
-        target = os.path.join(spool, "residual.tiff") if spool else io.BytesIO()
-        tifffile.imwrite(target, data=strips(), shape=(h, w), dtype="<f2", photometric="minisblack",
+    acc = _Accumulator(inspector, img.gt, target.metrics_cfg)
+    bands = inspector.bands(img.pixels, sample.key, keep_opened=img.gt is not None)
+    urls = output_urls(target.out, stem)
+    with _ResidualFile(h * w * 2 > SPOOL_BYTES) as residual:
+        tifffile.imwrite(residual.target, data=_strips(bands, acc, compute_slots or contextlib.nullcontext()),
+                         shape=(h, w), dtype="<f2", photometric="minisblack",
                          rowsperstrip=inspector.band_rows(h, w))
         t1 = time.perf_counter()
+        written = 0
         if acc.packed:
             mask = _encode_mask(acc.packed, h, w)
             storage.write_bytes(urls["mask"], mask)
             written += len(mask)
-        if spool:
-            storage.put_file(urls["residual"], target)
-            written += os.path.getsize(target)
-        else:
-            storage.write_bytes(urls["residual"], target.getvalue())
-            written += target.getbuffer().nbytes
-    stats = None
-    if acc.evaluation is not None:
-        acc.evaluation.add_image(acc.score, sample.defective, int(acc.sizes.size - 1))
-        stats = acc.evaluation.to_bytes()
+        written += residual.upload(urls["residual"])
+    stats = acc.statistics(sample.defective)
+    if stats is not None:
         storage.write_bytes(urls["stats"], stats)
         written += len(stats)
-    record = {
-        "key": sample.key, "stem": stem, "url": sample.url, "version": sample.version, "status": "ok",
-        "fingerprint": fingerprint, "defect_type": sample.defect_type, "mask_url": sample.mask_url,
-        "score": acc.score, "height": h, "width": w, "tiles": acc.tiles, "bands": acc.bands,
-        "threshold": inspector.threshold, "bytes_read": img.nbytes,
-        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,   # the process's peak so far
-    }
-    if acc.evaluation is not None:
-        record["score_opened"] = acc.score_opened
-    if acc.packed:
-        record.update(flagged_pixels=acc.flagged, regions=acc.regions.count)
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # the process's peak so far
     timings = {"read": t_read, **acc.timings, "write": time.perf_counter() - t1}
-    record.update(bytes_written=written, timings={k: round(v, 6) for k, v in timings.items()},
-                  worker=f"{socket.gethostname()}:{os.getpid()}", finished=round(time.time(), 6))
-    storage.write_text(urls["record"], json.dumps(record))   # last: the image is now complete
+    record = ImageRecord(
+        key=sample.key, stem=stem, url=sample.url, version=sample.version, status=Outcome.OK,
+        fingerprint=target.fingerprint, defect_type=sample.defect_type, mask_url=sample.mask_url,
+        score=acc.score, height=h, width=w, tiles=acc.tiles, bands=acc.bands,
+        threshold=inspector.threshold, bytes_read=img.nbytes, max_rss_bytes=max_rss,
+        score_opened=acc.score_opened if acc.evaluation is not None else None,
+        flagged_pixels=acc.flagged if acc.packed else None,
+        regions=acc.regions.count if acc.packed else None,
+        bytes_written=written, timings={k: round(v, 6) for k, v in timings.items()},
+        worker=f"{socket.gethostname()}:{os.getpid()}", finished=round(time.time(), 6))
+    storage.write_text(urls["record"], record.to_json())   # last: the image is now complete
     return record, stats
+
+
+def _strips(bands: Iterator[BandResult], acc: _Accumulator, compute_slots) -> Iterator[bytes]:
+    """The residual map's TIFF strips, one per band, each band computed holding a compute slot."""
+    while True:
+        with compute_slots:
+            band = next(bands, None)
+        if band is None:
+            return
+        acc.add(band)
+        # float16 through torch: quicker than numpy's astype
+        yield torch.from_numpy(band.residual).half().numpy().astype("<f2", copy=False).tobytes()
+
+
+class _ResidualFile:
+    """Where the residual TIFF is written: memory, or a local temporary file when it is large."""
+
+    def __init__(self, spool: bool):
+        self._dir = tempfile.TemporaryDirectory(prefix="ray-inspect-") if spool else None
+        self.target = os.path.join(self._dir.name, "residual.tiff") if self._dir else io.BytesIO()
+
+    def __enter__(self) -> _ResidualFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+
+    def upload(self, url: str) -> int:
+        """Write the TIFF to ``url``; returns its size."""
+        if self._dir is not None:
+            storage.put_file(url, self.target)
+            return os.path.getsize(self.target)
+        storage.write_bytes(url, self.target.getvalue())
+        return self.target.getbuffer().nbytes

@@ -20,11 +20,10 @@ from torch import nn
 from ray_inspect.config import InspectConfig, SSIMConfig
 from ray_inspect.core.inference import Reconstructor, prepare_model, to_chw
 from ray_inspect.core.segmentation import open_residual, segment
-from ray_inspect.core.tiling import plan_bands
+from ray_inspect.core.tiling import Band, plan_bands
 from ray_inspect.io.artifact import ModelCard
 from ray_inspect.io.datasets import Sample
 from ray_inspect.io.images import (
-    InputError,
     decode_raw,
     read_mask,
     read_raw,
@@ -32,6 +31,7 @@ from ray_inspect.io.images import (
     resize_mask,
     to_float,
 )
+from ray_inspect.records import FailureKind, InputError
 
 
 @dataclass
@@ -63,8 +63,8 @@ class ImageResult:
 
     def record(self) -> dict:
         out = {"key": self.key, "status": "ok", "score": self.score,
-               "height": int(self.residual.shape[0]), "width": int(self.residual.shape[1]), "tiles": self.tiles,
-               "timings": {k: round(v, 6) for k, v in self.timings.items()}}
+               "height": int(self.residual.shape[0]), "width": int(self.residual.shape[1]),
+               "tiles": self.tiles, "timings": {k: round(v, 6) for k, v in self.timings.items()}}
         if self.opened is not None:
             out["score_opened"] = float(self.opened.max())
         if self.mask is not None:
@@ -102,13 +102,14 @@ class Inspector:
         elif sample.defective:
             gt = read_mask(sample.mask_url, raw.shape[:2])
             if not gt.any():
-                raise InputError(sample.mask_url, "mask of a defective image is empty", "mask")
+                raise InputError(sample.mask_url, "mask of a defective image is empty", FailureKind.MASK)
         shape = self.card.processing_shape(*raw.shape[:2])
         if shape != raw.shape[:2]:
             raw = resize_image(to_float(raw, self.card.model.channels), shape)
             gt = None if gt is None else resize_mask(gt, shape)
         if min(raw.shape[:2]) <= SSIMConfig().window // 2:
-            raise InputError(sample.url, f"image is {raw.shape[1]}x{raw.shape[0]}, too small to inspect", "size")
+            raise InputError(sample.url, f"image is {raw.shape[1]}x{raw.shape[0]}, too small to inspect",
+                             FailureKind.SIZE)
         return LoadedImage(raw, gt, nbytes)
 
     def load(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
@@ -127,22 +128,23 @@ class Inspector:
             return height
         return max(1, self.cfg.region_pixels // width)
 
-    def bands(self, pixels: np.ndarray, key: str = "", grey: bool = True) -> Iterator[BandResult]:
+    def bands(self, pixels: np.ndarray, key: str = "", keep_opened: bool = True) -> Iterator[BandResult]:
         """The step, a band of rows at a time (one band unless the image exceeds region_pixels).
 
-        ``grey`` also keeps the grey opening of the maps (the ROC after opening needs it; a mask
-        alone does not). ``pixels`` may be in the image's own type: bands are converted as used.
+        ``keep_opened`` also keeps the grey opening of the maps (the ROC after opening needs it; a
+        mask alone does not). ``pixels`` may be in the image's own type: bands are converted as used.
         """
         h, w = pixels.shape[:2]
         channels, seed = self.card.model.channels, _key_seed(key)
+        rec = self.reconstructor
         band_rows = self.band_rows(h, w)
         if band_rows == h:
             t0 = time.perf_counter()
             x = to_chw(to_float(pixels, channels))
-            recon, nll = self.reconstructor.run(x, key=seed)
-            yield self._finish((0, h), x, recon, nll, (0, h), (0, h), grey, self.reconstructor.windows(h, w), t0)
+            recon, nll = rec.run(x, key=seed)
+            grid = rec.grid(max(h, rec.patch), max(w, rec.patch))      # of the image padded to a window
+            yield self._finish(Band.whole(grid, h), x, recon, nll, keep_opened, len(grid), t0)
             return
-        rec = self.reconstructor
         grid = rec.grid(h, w)
         d = self.cfg.opening_diameter
         for band in plan_bands(grid, h, band_rows, d, SSIMConfig().window // 2, self.cfg.batch_size):
@@ -152,27 +154,28 @@ class Inspector:
             recon, nll = rec.run_band(x, grid, band, key=seed)
             c0, c1 = band.recon_rows
             tiles = (band.grid_rows[1] - band.grid_rows[0]) * len(grid.xs)
-            yield self._finish(band.rows, x[:, c0 - i0 : c1 - i0], recon, nll, band.recon_rows,
-                               band.residual_rows, grey, tiles, t0)
+            yield self._finish(band, x[:, c0 - i0 : c1 - i0], recon, nll, keep_opened, tiles, t0)
 
-    def _finish(self, rows, x, recon, nll, recon_rows, residual_rows, grey, tiles, t0) -> BandResult:
-        """Residual of the reconstructed rows, then the opening and the mask of the band's rows."""
+    def _finish(self, band: Band, x: torch.Tensor, recon: torch.Tensor, nll: torch.Tensor | None,
+                keep_opened: bool, tiles: int, t0: float) -> BandResult:
+        """Residual of the band's reconstructed rows (``x`` and ``recon`` hold ``band.recon_rows``),
+        then the opening and the mask of its output rows."""
         t1 = time.perf_counter()
         residual = self.reconstructor.residual(x, recon, nll).cpu().numpy()
-        r0, r1 = residual_rows
-        residual = residual[r0 - recon_rows[0] : r1 - recon_rows[0]]
+        (r0, r1), c0 = band.residual_rows, band.recon_rows[0]
+        residual = residual[r0 - c0 : r1 - c0]
         t2 = time.perf_counter()
         d = self.cfg.opening_diameter
-        opened = open_residual(residual, d) if grey else None
+        opened = open_residual(residual, d) if keep_opened else None
         mask = None if self.threshold is None else segment(residual, self.threshold, d, opened)
-        keep = slice(rows[0] - r0, rows[1] - r0)
+        keep = slice(band.rows[0] - r0, band.rows[1] - r0)
         timings = {"inference": t1 - t0, "residual": t2 - t1, "segment": time.perf_counter() - t2}
-        return BandResult(rows, residual[keep], None if opened is None else opened[keep],
+        return BandResult(band.rows, residual[keep], None if opened is None else opened[keep],
                           None if mask is None else mask[keep], tiles, timings)
 
-    def inspect(self, image: np.ndarray, key: str = "", grey: bool = True) -> ImageResult:
+    def inspect(self, image: np.ndarray, key: str = "", keep_opened: bool = True) -> ImageResult:
         """Run the method on one (H, W[, C]) image at processing resolution; whole maps back."""
-        parts = list(self.bands(image, key, grey))
+        parts = list(self.bands(image, key, keep_opened))
         timings: dict[str, float] = {}
         for p in parts:
             for k, v in p.timings.items():
@@ -182,7 +185,8 @@ class Inspector:
             arrays = [getattr(p, name) for p in parts]
             return None if arrays[0] is None else np.concatenate(arrays)
 
-        return ImageResult(key, cat("residual"), cat("opened"), cat("mask"), sum(p.tiles for p in parts), timings)
+        tiles = sum(p.tiles for p in parts)
+        return ImageResult(key, cat("residual"), cat("opened"), cat("mask"), tiles, timings)
 
 
 def _key_seed(key: str) -> int:

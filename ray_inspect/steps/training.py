@@ -1,7 +1,7 @@
 """The training loop: shuffled chunk-streaming batches from Zarr, one epoch at a time.
 
 ``train_epoch`` is the unit every Ray Train worker runs (it takes any model, DDP-wrapped or not,
-and any iterable of batches); ``raytrain.fit`` drives it, on a local Ray or a cluster.
+and any iterable of batches); ``distributed.train.fit`` drives it, on a local Ray or a cluster.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, los
         total += float(loss.detach()) * len(x)
         count += len(x)
     dt = time.perf_counter() - t0
-    return {"loss": total / max(count, 1), "patches": count, "seconds": dt, "patches_per_s": count / dt if dt else 0.0}
+    return {"loss": total / max(count, 1), "patches": count, "seconds": dt,
+            "patches_per_s": count / dt if dt else 0.0}
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -97,7 +98,8 @@ def build(model_cfg: ModelConfig, train_cfg: TrainConfig, alexnet_weights: str |
 def make_card(model_cfg: ModelConfig, train_cfg: TrainConfig, patches_url: str, attrs: dict,
               history: list[dict]) -> ModelCard:
     return ModelCard(
-        model=model_cfg, resize=attrs.get("resize"), source_size=attrs.get("source_size"), score_range=score_range(model_cfg.loss),
+        model=model_cfg, resize=attrs.get("resize"), source_size=attrs.get("source_size"),
+        score_range=score_range(model_cfg.loss),
         training={**asdict(train_cfg), "final_loss": history[-1]["loss"] if history else None,
                   "epochs_run": len(history)},
         patches={"url": patches_url, "fingerprint": attrs.get("fingerprint"), "count": attrs.get("patches"),

@@ -1,1 +1,1 @@
-"""Servers and validators the tests start or call: SeaweedFS S3, Prometheus and Pushgateway, Kubernetes schemas."""
+"""What the tests start or call: SeaweedFS S3, Prometheus and Pushgateway, Kubernetes schemas."""

@@ -104,14 +104,17 @@ def crd_validator(kind: str) -> jsonschema.protocols.Validator:
 DURATION = {"type": "string", "pattern": r"^(0|([0-9]+(ms|s|m|h|d|w|y))+)$"}
 STRMAP = {"type": "object", "additionalProperties": {"type": "string"}}
 META = {"type": "object", "required": ["name"]}
+SELECTOR = {"type": "object", "additionalProperties": False, "minProperties": 1,
+            "properties": {"matchLabels": STRMAP, "matchExpressions": {"type": "array"}}}
 PODMONITOR = {  # the fields this chart uses, and nothing unknown
     "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"}, "metadata": META,
-        "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"], "additionalProperties": False,
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"},
+        "metadata": META,
+        "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"],
+                 "additionalProperties": False,
                  "properties": {
-                     "selector": {"type": "object", "additionalProperties": False, "minProperties": 1,
-                                  "properties": {"matchLabels": STRMAP, "matchExpressions": {"type": "array"}}},
+                     "selector": SELECTOR,
                      "namespaceSelector": {"type": "object", "additionalProperties": False,
                                            "properties": {"any": {"type": "boolean"},
                                                           "matchNames": {"type": "array",
@@ -130,13 +133,15 @@ PODMONITOR = {  # the fields this chart uses, and nothing unknown
                                         "metricRelabelings": {"type": "array"}}}}}}}}
 RULE = {"type": "object", "required": ["expr"], "additionalProperties": False,
         "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
-        "properties": {"alert": {"type": "string", "minLength": 1}, "record": {"type": "string", "minLength": 1},
+        "properties": {"alert": {"type": "string", "minLength": 1},
+                       "record": {"type": "string", "minLength": 1},
                        "expr": {"type": ["string", "integer"], "minLength": 1}, "for": DURATION,
                        "keep_firing_for": DURATION, "labels": STRMAP, "annotations": STRMAP}}
 PROMETHEUSRULE = {
     "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"}, "metadata": META,
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+        "metadata": META,
         "spec": {"type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
             "groups": {"type": "array", "minItems": 1, "items": {
                 "type": "object", "required": ["name", "rules"], "additionalProperties": False,

@@ -69,10 +69,13 @@ class Prometheus:
     def query(self, expr: str, at: float | None = None) -> list[dict]:
         """Instant vector of ``expr`` (at time ``at``): [{"metric": {...}, "value": [t, "v"]}, ...]."""
         data = self.api("query", query=expr, time=at)
-        return data["result"] if data["resultType"] in ("vector", "matrix") else [{"metric": {}, "value": data["result"]}]
+        if data["resultType"] in ("vector", "matrix"):
+            return data["result"]
+        return [{"metric": {}, "value": data["result"]}]
 
     def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> list[dict]:
-        return self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=step)["result"]
+        data = self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=step)
+        return data["result"]
 
     def values(self, expr: str, start: float, end: float, step: float = 1.0) -> list[float]:
         """Every finite value ``expr`` took between ``start`` and ``end`` (all series)."""
@@ -89,7 +92,8 @@ class Prometheus:
             if res:
                 return res
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{expr!r} returned no data after {timeout:.0f} s; targets: {self.targets()}")
+                raise TimeoutError(f"{expr!r} returned no data after {timeout:.0f} s; "
+                                   f"targets: {self.targets()}")
             time.sleep(0.25)
 
     def targets(self) -> list[dict]:

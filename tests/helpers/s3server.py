@@ -31,7 +31,8 @@ import pytest
 REGION = "us-east-1"
 ENDPOINT_ENV = "RAY_INSPECT_S3_ENDPOINT"
 # Variables that would change how botocore signs or where it connects; removed while the fixture is active.
-_CLEARED_ENV = ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+_CLEARED_ENV = ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3")
 _PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
 
@@ -101,7 +102,8 @@ def _client(endpoint: str, access_key: str, secret_key: str):
     import botocore.config
     import botocore.session
 
-    cfg = botocore.config.Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1, "mode": "standard"})
+    cfg = botocore.config.Config(connect_timeout=1, read_timeout=5,
+                                 retries={"max_attempts": 1, "mode": "standard"})
     return botocore.session.get_session().create_client(
         "s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=access_key,
         aws_secret_access_key=secret_key, config=cfg)
@@ -148,21 +150,22 @@ def s3_server(bucket: str = "ray-inspect-test", directory: str | None = None, ti
             "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}, f)
-    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
     cmd = [weed_binary(), "mini", f"-dir={os.path.join(root, 'data')}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
            "-s3.port.lance=0", f"-s3.config={identities}", *(f"-{k}={v}" for k, v in ports.items())]
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     log_path = os.path.join(root, "weed.log")
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=root, start_new_session=True)
     try:
-        _wait_and_create_bucket(proc, endpoint, access_key, secret_key, bucket, timeout, log_path)
-        yield S3Server(endpoint, access_key, secret_key, bucket)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=root, start_new_session=True)
+            try:
+                _wait_and_create_bucket(proc, endpoint, access_key, secret_key, bucket, timeout, log_path)
+                yield S3Server(endpoint, access_key, secret_key, bucket)
+            finally:
+                _stop(proc, stop_grace)
     finally:
-        _stop(proc, stop_grace)
-        log.close()
         # weed leaves unix sockets named after its ports in /tmp; remove ours (and only ours).
         for port in ports.values():
             for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
@@ -201,7 +204,8 @@ def _poll_create_bucket(client, proc, endpoint, bucket, timeout, log_path) -> No
                 bx.ConnectTimeoutError) as exc:
             last = exc.__class__.__name__
         if time.monotonic() > deadline:
-            raise RuntimeError(f"S3 at {endpoint} not ready after {timeout:.0f} s: {last}\n{_log_tail(log_path)}")
+            raise RuntimeError(f"S3 at {endpoint} not ready after {timeout:.0f} s: {last}\n"
+                               f"{_log_tail(log_path)}")
         time.sleep(0.2)
 
 

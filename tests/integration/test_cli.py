@@ -21,7 +21,8 @@ def test_missing_source_is_one_line(trained_model, tmp_path):
     res = CliRunner().invoke(main, ["scan", trained_model, str(tmp_path / "nowhere"), str(tmp_path / "out")])
     assert res.exit_code == 2
     err = res.stderr.strip().splitlines()
-    assert err[-1].startswith("ray-inspect: error:") and "nowhere" in err[-1] and "Traceback" not in res.stderr
+    assert err[-1].startswith("ray-inspect: error:") and "nowhere" in err[-1]
+    assert "Traceback" not in res.stderr
 
 
 def test_not_a_model_is_one_line(tmp_path):
@@ -36,15 +37,16 @@ def test_fm_without_weights(patches, tmp_path):
 
 def test_synth_scan_report_json(trained_model, dataset, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(main, ["synth", str(tmp_path / "s"), "--texture", "twill", "--train", "1", "--test", "4",
-                               "--good", "1", "--validation", "1", "--size", "128", "--json"])
+    res = runner.invoke(main, ["synth", str(tmp_path / "s"), "--texture", "twill", "--train", "1",
+                               "--test", "4", "--good", "1", "--validation", "1", "--size", "128", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["datasets"][0]["counts"]["test/cut"] == 1
     model = tmp_path / "model"
     shutil.copytree(trained_model, model)
     res = runner.invoke(main, ["calibrate", str(model), dataset, "--fpr", "0.001", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["rule"] == "fpr"
-    res = runner.invoke(main, ["scan", str(model), dataset, str(tmp_path / "out"), "--concurrency", "1", "--json"])
+    res = runner.invoke(main, ["scan", str(model), dataset, str(tmp_path / "out"), "--concurrency", "1",
+                               "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert (summary["concurrency"], summary["compute_slots"], summary["depth"]) == (1, 1, 2)
@@ -64,7 +66,21 @@ def test_train_with_relative_paths(ray_session, patches, tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["train", "p.zarr", "model", "--epochs", "1", "--latent", "8",
                                     "--storage", "runs", "--run-name", "rel", "--json"])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "model" / "card.json").exists() and (tmp_path / "runs" / "rel" / "epoch-00001").exists()
+    assert (tmp_path / "model" / "card.json").exists()
+    assert (tmp_path / "runs" / "rel" / "epoch-00001").exists()
+
+
+def test_training_failure_cause_is_the_first_failed_workers_exception():
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from ray_inspect.cli import _training_failure
+
+    zstd = RuntimeError("Zstd decompression error: invalid input data\n(chunk c/0/0/0/0)")
+    failed = WorkerGroupError("two workers failed", {1: OSError("disk full"), 0: zstd})
+    assert _training_failure(failed) == "RuntimeError: Zstd decompression error: invalid input data"
+    controller = ControllerError(ValueError("bad scaling config"))
+    assert _training_failure(controller) == "ValueError: bad scaling config"
+    assert _training_failure(ValueError("not a training failure")) is None
 
 
 def test_training_failure_is_one_line(ray_session, patches, tmp_path):

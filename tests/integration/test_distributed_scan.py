@@ -28,7 +28,7 @@ from ray_inspect.distributed.scan import (
 from ray_inspect.io import storage
 from ray_inspect.io.artifact import read_card
 from ray_inspect.io.datasets import list_samples
-from ray_inspect.steps.imagescan import output_stems, output_urls, scan_image
+from ray_inspect.steps.imagescan import ScanTarget, output_stems, output_urls, scan_image
 from ray_inspect.steps.inspector import Inspector
 
 CFG = InspectConfig(precision="bfloat16")
@@ -43,7 +43,7 @@ class Recorder:
     def start(self, info): self.info = info
     def actors(self, n): pass
     def in_flight(self, n): pass
-    def image(self, record): self.images.append(record["key"])
+    def image(self, record): self.images.append(record.key)
     def failed(self, kind): self.failures.append(kind)
     def finish(self, summary, ok): self.finished = ok
 
@@ -73,8 +73,8 @@ def _reference_scan(load_model, model_url, source, out, cfg):
     total = Evaluation(model.card.score_range)
     records = {}
     for s in samples:
-        rec, stats = scan_image(insp, s, stems[s.key], out, fp)
-        records[stems[s.key]] = rec
+        rec, stats = scan_image(insp, s, stems[s.key], ScanTarget(out, fp))
+        records[stems[s.key]] = rec.to_dict()
         if stats is not None:
             total += Evaluation.from_bytes(stats)
     return records, total.metrics()
@@ -114,11 +114,13 @@ def clean(ray_session, calibrated, archive, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_s3_to_s3_with_two_actors_equals_a_single_process_scan(ray_session, s3, calibrated, dataset, tmp_path):
+def test_s3_to_s3_with_two_actors_equals_a_single_process_scan(ray_session, s3, calibrated, dataset,
+                                                                tmp_path):
     from ray_inspect.io.synth import generate
 
     src = s3.url("fleet", storage.unique_suffix(), "plain")
-    generate(src, SynthConfig(size=256, train=12, test_defective=8, test_good=4, validation=4, seed=3))  # = dataset
+    # the images of the dataset fixture
+    generate(src, SynthConfig(size=256, train=12, test_defective=8, test_good=4, validation=4, seed=3))
     model_url = s3.url("fleet-models", storage.unique_suffix())
     for f in Path(calibrated[0]).iterdir():
         storage.write_bytes(storage.join(model_url, f.name), f.read_bytes())
@@ -133,7 +135,8 @@ def test_s3_to_s3_with_two_actors_equals_a_single_process_scan(ray_session, s3, 
     _outputs_equal(out, local, ref_records)
     for stem, ref in ref_records.items():
         got = json.loads(storage.read_text(output_urls(out, stem)["record"]))
-        for k in ("score", "score_opened", "flagged_pixels", "regions", "tiles", "height", "width", "fingerprint"):
+        for k in ("score", "score_opened", "flagged_pixels", "regions", "tiles", "height", "width",
+                  "fingerprint"):
             assert got[k] == ref[k], (stem, k)
     assert storage.exists(storage.join(out, "_SUCCESS"))
     assert storage.exists(storage.join(out, "stats", "shard-00000.npz"))
@@ -162,7 +165,8 @@ def test_killed_actor_images_retried_and_counted_once(ray_session, calibrated, a
     t = threading.Thread(target=killer)
     t.start()
     rec = Recorder()
-    summary = scan(calibrated[0], archive, str(out), CFG, options=ScanOptions(workers=2, depth=2), telemetry=rec)
+    summary = scan(calibrated[0], archive, str(out), CFG, options=ScanOptions(workers=2, depth=2),
+                   telemetry=rec)
     t.join()
     assert killed and summary["retried"] >= 1                 # the actor held images when it died
     assert summary["scanned"] == 40 and summary["failed"] == 0 and summary["exit_code"] == EXIT_OK
@@ -174,11 +178,14 @@ def test_killed_actor_images_retried_and_counted_once(ray_session, calibrated, a
 
 
 @pytest.mark.slow
-def test_killed_driver_rerun_recomputes_only_what_was_missing(ray_session, calibrated, archive, clean, tmp_path):
+def test_killed_driver_rerun_recomputes_only_what_was_missing(ray_session, calibrated, archive, clean,
+                                                              tmp_path):
     out = tmp_path / "out"
-    cmd = [str(Path(sys.executable).parent / "ray-inspect"), "scan", calibrated[0], archive, str(out), "--workers", "1"]
+    cmd = [str(Path(sys.executable).parent / "ray-inspect"), "scan", calibrated[0], archive, str(out),
+           "--workers", "1"]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and len(list((out / "records").glob("**/*.json"))) < 10:
         time.sleep(0.02)
@@ -196,7 +203,8 @@ def test_killed_driver_rerun_recomputes_only_what_was_missing(ray_session, calib
     assert (out / "_SUCCESS").exists()
 
 
-def test_rerun_skips_force_redoes_and_changed_settings_or_inputs_rescan(ray_session, calibrated, dataset, tmp_path):
+def test_rerun_skips_force_redoes_and_changed_settings_or_inputs_rescan(ray_session, calibrated, dataset,
+                                                                        tmp_path):
     src = tmp_path / "src"
     shutil.copytree(Path(dataset, "test", "cut"), src / "line1")
     n = len(list(src.glob("**/*.png")))
@@ -220,7 +228,8 @@ def test_pool_shape_defaults_and_gpu_check():
     assert _pool_shape(ScanOptions(), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 3, 2, 1, 1)
     assert _pool_shape(ScanOptions(workers=1), {"CPU": 2}) == _Shape(1, 0.0, 2.0, 4, 3, 2, 1)
     assert _pool_shape(ScanOptions(workers=1, concurrency=1), {"CPU": 2}) == _Shape(1, 0.0, 2.0, 2, 1, 1, 2)
-    assert _pool_shape(ScanOptions(workers=2, cpus_per_worker=4), {"CPU": 8}) == _Shape(2, 0.0, 4.0, 6, 5, 4, 1)
+    assert _pool_shape(ScanOptions(workers=2, cpus_per_worker=4), {"CPU": 8}) \
+        == _Shape(2, 0.0, 4.0, 6, 5, 4, 1)
     assert _pool_shape(ScanOptions(), {"CPU": 16, "GPU": 4}) == _Shape(4, 1.0, 4.0, 3, 2, 1, 4)
     assert _pool_shape(ScanOptions(workers=2, depth=3), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 3, 2, 1, 1)
     assert _pool_shape(ScanOptions(depth=1, concurrency=1), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 1, 1, 1, 1)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from ray_inspect.config import ModelConfig, RunConfig, TrainConfig
-from ray_inspect.distributed.train import fit
+from ray_inspect.distributed.train import TrainHooks, fit
 from ray_inspect.io.artifact import load_model, read_card
+from ray_inspect.io.patches import open_patches
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.slow
 def test_two_workers_stay_in_sync_and_loss_falls(ray_session, patches, tmp_path):
     seen = []
     card = fit(patches, str(tmp_path / "m"), ModelConfig(latent=16), TrainConfig(epochs=3, batch_size=32),
-               RunConfig(workers=2, storage=str(tmp_path / "runs"), run_name="sync"), on_epoch=seen.append)
+               RunConfig(workers=2, storage=str(tmp_path / "runs"), run_name="sync"),
+               hooks=TrainHooks(on_epoch=seen.append))
     assert [m["epoch"] for m in seen] == [1, 2, 3]
     assert all(m["ranks_in_sync"] and m["workers"] == 2 for m in seen)
     assert seen[-1]["loss"] < seen[0]["loss"]
@@ -44,7 +46,8 @@ def test_worker_killed_resumes_from_last_checkpoint(ray_session, patches, tmp_pa
     t = threading.Thread(target=killer)
     t.start()
     fit(patches, str(tmp_path / "m"), ModelConfig(latent=16), TrainConfig(epochs=7, batch_size=64),
-        RunConfig(workers=2, storage=str(tmp_path / "runs"), run_name="fault", max_failures=2), on_epoch=seen.append)
+        RunConfig(workers=2, storage=str(tmp_path / "runs"), run_name="fault", max_failures=2),
+        hooks=TrainHooks(on_epoch=seen.append))
     t.join()
     epochs = [m["epoch"] for m in seen]
     assert sorted(set(epochs)) == list(range(1, 8))
@@ -52,6 +55,27 @@ def test_worker_killed_resumes_from_last_checkpoint(ray_session, patches, tmp_pa
     assert restart >= 2                                # at least the checkpoint reported before the kill
     assert all(epochs.count(e) == 1 for e in range(1, restart + 1))   # epochs before it never ran again
     assert len(epochs) > 7                             # something was in fact redone after the kill
+
+
+def test_epoch_callback_error_is_raised_after_training(ray_session, patches, tmp_path):
+    """A failing callback neither vanishes nor stops the training: fit raises it once the run has
+    finished and checkpointed, writes no model, and a rerun resumes there and writes it."""
+    calls = []
+
+    def broken(stats: dict) -> None:
+        calls.append(stats["epoch"])
+        raise KeyError("no such column")
+
+    run = RunConfig(storage=str(tmp_path / "runs"), run_name="broken-callback")
+    with pytest.raises(KeyError, match="no such column") as raised:
+        fit(patches, str(tmp_path / "m"), ModelConfig(latent=8), TrainConfig(epochs=2, batch_size=64), run,
+            hooks=TrainHooks(on_epoch=broken))
+    assert calls == [1, 2]                                 # later epochs still reached the callback
+    assert any("rerun" in note for note in raised.value.__notes__)
+    assert (tmp_path / "runs" / "broken-callback" / "epoch-00002").exists()
+    assert not (tmp_path / "m" / "card.json").exists()
+    card = fit(patches, str(tmp_path / "m"), ModelConfig(latent=8), TrainConfig(epochs=2, batch_size=64), run)
+    assert card.training["epochs_run"] == 2 and (tmp_path / "m" / "card.json").exists()
 
 
 def _train_cmd(patches, model, storage, name, epochs):
@@ -67,7 +91,8 @@ def test_driver_interrupted_rerun_finishes_identically(patches, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
     cmd = _train_cmd(patches, str(tmp_path / "m"), storage, "resume", 4)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (tmp_path / "runs" / "resume" / "epoch-00002").exists():
         time.sleep(0.2)
@@ -86,8 +111,6 @@ def test_driver_interrupted_rerun_finishes_identically(patches, tmp_path):
 def test_s3_patches_to_s3_storage(ray_session, s3, patches, tmp_path):
     import zarr
 
-    from ray_inspect.io.patches import open_patches
-
     src = open_patches(patches)
     url = s3.url("train", "p.zarr")
     arr = zarr.create_array(store=url, shape=src.shape, chunks=src.chunks, dtype="uint8",
@@ -104,10 +127,10 @@ def test_s3_patches_to_s3_storage(ray_session, s3, patches, tmp_path):
 
 @pytest.mark.slow
 def test_training_is_deterministic(ray_session, patches, tmp_path):
-    from ray_inspect.config import RunConfig
-    from ray_inspect.distributed.train import fit
-
-    cards = [fit(patches, str(tmp_path / f"m{i}"), ModelConfig(latent=16), TrainConfig(epochs=1, batch_size=64),
-                 RunConfig(storage=str(tmp_path / "runs"), run_name=f"det{i}")) for i in range(2)]
+    cards = []
+    for i in range(2):
+        run = RunConfig(storage=str(tmp_path / "runs"), run_name=f"det{i}")
+        cards.append(fit(patches, str(tmp_path / f"m{i}"), ModelConfig(latent=16),
+                         TrainConfig(epochs=1, batch_size=64), run))
     assert cards[0].weights_sha256 == cards[1].weights_sha256
     assert cards[0].patches["fingerprint"] == open_patches(patches).attrs["fingerprint"]

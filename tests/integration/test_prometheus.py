@@ -102,11 +102,13 @@ def test_real_prometheus_scrapes_train_and_scan(patches, dataset, tmp_path, requ
 
         # Training: the command line in its own process (its own local Ray), as a RayJob runs it.
         secret = secrets.token_urlsafe(30)
-        env = {**os.environ, "RAY_ADDRESS": "", "AWS_SECRET_ACCESS_KEY": secret, "RAY_INSPECT_PIPELINE": PIPELINE}
+        env = {**os.environ, "RAY_ADDRESS": "", "AWS_SECRET_ACCESS_KEY": secret,
+               "RAY_INSPECT_PIPELINE": PIPELINE}
         model = str(tmp_path / "model")
         res = subprocess.run(
-            [sys.executable, "-m", "ray_inspect.cli", "--metrics-port", str(train_port), "--pushgateway", pushgateway,
-             "--log-format", "json", "train", patches, model, "--latent", "16", "--epochs", "2", "--batch-size", "32",
+            [sys.executable, "-m", "ray_inspect.cli", "--metrics-port", str(train_port),
+             "--pushgateway", pushgateway, "--log-format", "json",
+             "train", patches, model, "--latent", "16", "--epochs", "2", "--batch-size", "32",
              "--workers", "1", "--storage", str(tmp_path / "runs"), "--run-name", "prom"],
             env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -117,9 +119,11 @@ def test_real_prometheus_scrapes_train_and_scan(patches, dataset, tmp_path, requ
         epochs = [r for r in logs if r["message"].startswith("epoch ")]
         assert [r["epoch"] for r in epochs] == [1, 2]
         assert logs[0]["message"] == f"metrics on http://127.0.0.1:{train_port}/metrics"   # before the run
-        assert len({r["run_id"] for r in logs[1:]}) == 1 and all(r["logger"].startswith("ray_inspect") for r in logs)
+        assert len({r["run_id"] for r in logs[1:]}) == 1
+        assert all(r["logger"].startswith("ray_inspect") for r in logs)
         assert logs[-1]["message"].startswith("training finished") and logs[-1]["ok"] is True
-        prom.wait(f'ray_inspect_train_last_run_success{{job="ray_inspect_train", pipeline="{PIPELINE}"}} == 1')
+        pushed = f'job="ray_inspect_train", pipeline="{PIPELINE}"'
+        prom.wait(f"ray_inspect_train_last_run_success{{{pushed}}} == 1")
         assert value(prom, f'ray_inspect_train_last_run_epochs{{pipeline="{PIPELINE}"}}') == 2
 
         # The scan: this process is the driver and exposes the metrics.
@@ -139,8 +143,8 @@ def test_real_prometheus_scrapes_train_and_scan(patches, dataset, tmp_path, requ
             assert value(prom, 'ray_inspect_images_scanned_total{job="ray-inspect"}') == good
             assert value(prom, 'sum(ray_inspect_images_failed_total{job="ray-inspect"})') == 1
             assert value(prom, 'ray_inspect_images_failed_total{job="ray-inspect", reason="corrupt"}') == 1
-            assert value(prom, f'ray_inspect_scan_last_run_tiles{{job="ray_inspect_scan", pipeline="{PIPELINE}"}}') \
-                == sum(tiles)
+            pushed = f'job="ray_inspect_scan", pipeline="{PIPELINE}"'
+            assert value(prom, f"ray_inspect_scan_last_run_tiles{{{pushed}}}") == sum(tiles)
             assert value(prom, 'ray_inspect_scan_images{job="ray-inspect", state="done"}') == good + 1
 
             empty = []

@@ -25,7 +25,8 @@ def pushed(url: str, job: str, pipeline: str) -> dict[tuple[str, tuple], float]:
     for fam in text_string_to_metric_families(scrape(f"{url}/metrics")):
         for s in fam.samples:
             if s.labels.get("job") == job and s.labels.get("pipeline") == pipeline:
-                labels = tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("job", "pipeline", "instance")))
+                labels = tuple(sorted((k, v) for k, v in s.labels.items()
+                                      if k not in ("job", "pipeline", "instance")))
                 out[(s.name, labels)] = s.value
     return out
 
@@ -43,8 +44,9 @@ def test_pushgateway_failed_run_never_overwrites_last_success(pushgateway):
     assert first[("ray_inspect_scan_last_run_images", (("result", "scanned"),))] == 2
     assert first[("ray_inspect_scan_last_run_tiles", ())] == 30
     assert first[("ray_inspect_scan_duration_seconds", ())] >= 0
-    assert first[("ray_inspect_scan_info", tuple(sorted({**{k: str(INFO[k]) for k in (
-        "version", "model_fingerprint", "stride", "precision", "workers", "threshold")}, "run_id": "run-1"}.items())))] == 1
+    settings = ("version", "model_fingerprint", "stride", "precision", "workers", "threshold")
+    info = {**{k: str(INFO[k]) for k in settings}, "run_id": "run-1"}
+    assert first[("ray_inspect_scan_info", tuple(sorted(info.items())))] == 1
 
     tel.start({**INFO, "run_id": "run-2"})                 # the next night: it fails
     tel.failed("worker_died")
@@ -69,7 +71,8 @@ def test_pushgateway_train_outcome_has_its_own_group(pushgateway):
     tel = t.Telemetry(t.TelemetryConfig(pushgateway=pushgateway, pipeline=pipeline), CollectorRegistry())
     train = tel.train()
     train.start({"epochs": 2, "loss": "ssim"})
-    train.epoch({"epoch": 1, "loss": 0.25, "patches": 64, "seconds": 1.0, "patches_per_s": 64.0, "workers": 1})
+    train.epoch({"epoch": 1, "loss": 0.25, "patches": 64, "seconds": 1.0, "patches_per_s": 64.0,
+                 "workers": 1})
     train.finish({}, ok=True)
     got = pushed(pushgateway, "ray_inspect_train", pipeline)
     assert got[("ray_inspect_train_last_run_success", ())] == 1

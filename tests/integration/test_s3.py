@@ -82,7 +82,7 @@ def test_synth_and_prepare_on_s3_match_local(s3, tmp_path):
     remote_files = storage.find(remote_data)
     assert [storage.relative(f, local_data) for f in local_files] == \
         [storage.relative(f, remote_data) for f in remote_files]
-    for lf, rf in zip(local_files, remote_files):
+    for lf, rf in zip(local_files, remote_files, strict=True):
         assert storage.read_bytes(lf) == storage.read_bytes(rf), rf
 
     local_attrs = prepare(local_data, str(tmp_path / "p.zarr"), prep)
@@ -114,7 +114,8 @@ def test_open_patches_on_s3_refuses_missing_and_incomplete(s3):
         open_patches(s3.url("no-such.zarr"))
     url = s3.url("half.zarr")
     zarr.create_array(store=url, shape=(4, 1, 128, 128), chunks=(2, 1, 128, 128), dtype="uint8",
-                      storage_options=storage.storage_options(url), overwrite=True, attributes={"complete": False})
+                      storage_options=storage.storage_options(url), overwrite=True,
+                      attributes={"complete": False})
     with pytest.raises(storage.StorageError, match="incomplete"):
         open_patches(url)
 

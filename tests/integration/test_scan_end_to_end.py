@@ -68,7 +68,8 @@ def bad_corpus(root):
     (root / "test" / "good" / "dir.png").mkdir()                          # a folder named like an image
     return {"zero.png": "empty", "text.png": "not an image", "truncated.png": "corrupt",
             "nomask.png": "no such file", "badmask.png": "mask is 10x10", "nan.tiff": "NaN",
-            "sliver.png": "too small", "five.tiff": "unsupported image shape", "complex.tiff": "unsupported pixel type"}
+            "sliver.png": "too small", "five.tiff": "unsupported image shape",
+            "complex.tiff": "unsupported pixel type"}
 
 
 def test_scan_records_bad_inputs_and_goes_on(ray_session, calibrated, dataset, tmp_path):

@@ -63,7 +63,8 @@ def chart():
 
 def render(chart, values=None) -> list[dict]:
     out = chart.render(values or {}, name="ri", namespace="inspect")
-    return [d for path, text in sorted(out.items()) if path.endswith(".yaml") for d in kv.load_documents(text)]
+    return [d for path, text in sorted(out.items()) if path.endswith(".yaml")
+            for d in kv.load_documents(text)]
 
 
 def by_kind(docs, kind):
@@ -96,7 +97,8 @@ def test_combination_renders_and_validates(chart, name):
     assert kv.validate(docs) >= 1
 
 
-@pytest.mark.parametrize("name", ["defaults", "cpu-only", "raycronjob", "monitoring-off", "placement-and-registry"])
+@pytest.mark.parametrize("name", ["defaults", "cpu-only", "raycronjob", "monitoring-off",
+                                  "placement-and-registry"])
 def test_helm_lint_has_no_errors_or_warnings(name):
     report = helm.lint(CHART, COMBINATIONS[name], strict=True, kube_version="v1.31.0", namespace="inspect")
     assert report["errors"] == []
@@ -143,14 +145,17 @@ def test_s3_credentials_only_by_secret_reference(chart):
                 if env["name"].startswith("AWS_") and env["name"] != "AWS_DEFAULT_REGION":
                     assert "value" not in env, (name, env)
                     assert env["valueFrom"]["secretKeyRef"]["name"] == "ray-inspect-s3"
-            if doc["kind"] == "RayJob" and values.get("s3", {}).get("credentialsSecret", {}).get("name") != "":
+            secret = values.get("s3", {}).get("credentialsSecret", {}).get("name")
+            if doc["kind"] == "RayJob" and secret != "":
                 assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= {e["name"] for e in envs}, name
 
 
 def test_secret_name_and_keys_are_configurable(chart):
-    docs = render(chart, {"s3": {"credentialsSecret": {"name": "minio-creds", "accessKeyIdKey": "user",
-                                                        "secretAccessKeyKey": "password", "endpointKey": ""}}})
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in _all_env(one(docs, "RayJob")) if "valueFrom" in e}
+    secret = {"name": "minio-creds", "accessKeyIdKey": "user", "secretAccessKeyKey": "password",
+              "endpointKey": ""}
+    docs = render(chart, {"s3": {"credentialsSecret": secret}})
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]
+            for e in _all_env(one(docs, "RayJob")) if "valueFrom" in e}
     assert refs["AWS_ACCESS_KEY_ID"] == {"name": "minio-creds", "key": "user"}
     assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "minio-creds", "key": "password"}
     assert "RAY_INSPECT_S3_ENDPOINT" not in refs
@@ -180,7 +185,8 @@ def test_nightly_cronjob_creates_a_rayjob_with_least_privilege(chart):
     assert pod["volumes"][0]["configMap"]["name"] == cm["metadata"]["name"]
     assert "k create -f -" in cm["data"]["submit-scan.sh"]   # behaviour: test_cronjob_script_...
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
-    assert env["CRONJOB_JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"].endswith("['batch.kubernetes.io/job-name']")
+    field_path = env["CRONJOB_JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert field_path.endswith("['batch.kubernetes.io/job-name']")
     assert env["RAYJOB_PREFIX"]["value"] == "ri-ray-inspect-scan"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
@@ -193,7 +199,8 @@ def test_scan_rayjob(chart):
         "scan", "s3://ray-inspect/models/fabric", "s3://ray-inspect/incoming", "s3://ray-inspect/scans/nightly",
         "--workers", "4", "--gpus-per-worker", "1", "--address", "auto"]
     assert fallback == "test $? -eq 3"
-    assert (spec["shutdownAfterJobFinishes"], spec["activeDeadlineSeconds"], spec["backoffLimit"]) == (True, 21600, 2)
+    limits = (spec["shutdownAfterJobFinishes"], spec["activeDeadlineSeconds"], spec["backoffLimit"])
+    assert limits == (True, 21600, 2)
 
 
 def test_raycronjob_replaces_the_cronjob(chart):
@@ -239,11 +246,13 @@ def test_monitoring_objects(chart):
     docs = render(chart)
     pm = one(docs, "PodMonitor")
     head, workers = containers(one(docs, "RayJob")["spec"]["rayClusterSpec"])
-    pod_labels = one(docs, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    head_group = one(docs, "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]
+    pod_labels = head_group["template"]["metadata"]["labels"]
     assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     ports = {p["name"] for p in head["ports"]}
     assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} == {"metrics", "inspect-metrics"} <= ports
-    dash = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["labels"].get("grafana_dashboard") == "1")
+    dash = next(d for d in by_kind(docs, "ConfigMap")
+                if d["metadata"]["labels"].get("grafana_dashboard") == "1")
     shipped = json.loads((CHART / "files/grafana-dashboard.json").read_text())
     assert json.loads(dash["data"]["ray-inspect.json"]) == shipped
     rules = yaml.safe_load((CHART / "files/alert-rules.yaml").read_text())
@@ -281,7 +290,8 @@ def test_values_schema_is_valid_and_covers_the_defaults():
 def test_large_integers_stay_integers(chart):
     """Helm reads numbers as floats; without `| int` 1000000 would render as 1e+06."""
     job = one(render(chart, {"training": {"activeDeadlineSeconds": 1000000, "epochs": 10000000}}), "RayJob")
-    assert job["spec"]["activeDeadlineSeconds"] == 1000000 and " --epochs 10000000 " in job["spec"]["entrypoint"]
+    assert job["spec"]["activeDeadlineSeconds"] == 1000000
+    assert " --epochs 10000000 " in job["spec"]["entrypoint"]
 
 
 def test_replica_bounds_are_checked(chart):
@@ -353,7 +363,9 @@ case "$1" in
     case "$*" in
       *"-o name"*) echo rayjob/x ;;
       *message*) echo "the scan failed" ;;
-      *) n=$(( $(cat "$FAKE/n" 2>/dev/null || echo 0) + 1 )); echo $n > "$FAKE/n"; sed -n "${n}p" "$FAKE/statuses" ;;
+      *) n=$(( $(cat "$FAKE/n" 2>/dev/null || echo 0) + 1 ))
+         echo $n > "$FAKE/n"
+         sed -n "${n}p" "$FAKE/statuses" ;;
     esac ;;
   create) cat > "$FAKE/created" ;;
 esac
@@ -378,9 +390,10 @@ def test_cronjob_script_creates_one_rayjob_and_waits(chart, tmp_path, statuses, 
         (tmp_path / "created").write_text("existing")
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "FAKE": str(tmp_path),
            "CRONJOB_JOB_NAME": "ri-ray-inspect-nightly-29000000", "RAYJOB_PREFIX": "ri-ray-inspect-scan",
-           "POD_NAMESPACE": "inspect", "POLL_SECONDS": "0", "RAYJOB_TEMPLATE": str(tmp_path / "rayjob.yaml")}
-    res = subprocess.run(["bash", "-c", cm["data"]["submit-scan.sh"]], env=env, capture_output=True, text=True,
-                         timeout=30)
+           "POD_NAMESPACE": "inspect", "POLL_SECONDS": "0",
+           "RAYJOB_TEMPLATE": str(tmp_path / "rayjob.yaml")}
+    res = subprocess.run(["bash", "-c", cm["data"]["submit-scan.sh"]], env=env, capture_output=True,
+                         text=True, timeout=30)
     assert res.returncode == code, res.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert all(c.startswith("--namespace inspect ") for c in calls)

@@ -7,7 +7,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from ray_inspect.io.images import InputError, decode, read_image, read_mask, resize_image
+from ray_inspect.io.images import decode, read_image, read_mask, resize_image
+from ray_inspect.records import InputError
 
 
 def png(arr, **kw):

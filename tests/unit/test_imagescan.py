@@ -11,7 +11,7 @@ from ray_inspect.core.evaluation import Evaluation
 from ray_inspect.core.model import build_model
 from ray_inspect.io.artifact import ModelCard
 from ray_inspect.io.datasets import Sample
-from ray_inspect.steps.imagescan import output_stems, output_urls, scan_image
+from ray_inspect.steps.imagescan import ScanTarget, output_stems, output_urls, scan_image
 from ray_inspect.steps.inspector import Inspector
 
 
@@ -23,6 +23,11 @@ def test_output_stems_keep_paths_and_resolve_collisions():
 def _write_png(path, arr):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
+
+
+def _bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def test_banded_image_writes_the_same_outputs_as_a_whole_one(tmp_path):
@@ -45,15 +50,15 @@ def test_banded_image_writes_the_same_outputs_as_a_whole_one(tmp_path):
     for name, region in (("whole", 1 << 30), ("banded", 50_000)):
         insp = Inspector(model, card, InspectConfig(precision="float32", region_pixels=region))
         out = str(tmp_path / name)
-        record, stats = scan_image(insp, sample, "cut/a", out, "fp")
-        assert record["bands"] == (1 if name == "whole" else -(-620 // (50_000 // 410)))
-        outs[name] = (out, record, stats)
+        record, stats = scan_image(insp, sample, "cut/a", ScanTarget(out, "fp"))
+        assert record.bands == (1 if name == "whole" else -(-620 // (50_000 // 410)))
+        outs[name] = (out, record.to_dict(), stats)
     (wo, wr, ws), (bo, br, bs) = outs["whole"], outs["banded"]
     for key in ("score", "score_opened", "flagged_pixels", "regions", "height", "width"):
         assert wr[key] == br[key], key
     assert wr["flagged_pixels"] > 0 and wr["regions"] >= 1 and br["tiles"] > wr["tiles"]
     w_urls, b_urls = output_urls(wo, "cut/a"), output_urls(bo, "cut/a")
-    assert open(w_urls["mask"], "rb").read() == open(b_urls["mask"], "rb").read()   # byte-identical PNG
+    assert _bytes(w_urls["mask"]) == _bytes(b_urls["mask"])   # byte-identical PNG
     mask = np.asarray(Image.open(w_urls["mask"])) > 0
     res_w, res_b = tifffile.imread(w_urls["residual"]), tifffile.imread(b_urls["residual"])
     assert res_w.dtype == np.float16 and res_w.shape == img.shape
@@ -74,7 +79,7 @@ def test_banded_image_writes_the_same_outputs_as_a_whole_one(tmp_path):
     ref = PixelROC(ew.raw.bins, ew.raw.range).update(whole.residual, gt)
     np.testing.assert_array_equal(ref.good, ew.raw.good)
     assert ew.scores == [wr["score"]] and ew.labels == [True]
-    rec = json.loads(open(w_urls["record"]).read())
+    rec = json.loads(_bytes(w_urls["record"]))
     assert rec == wr and rec["fingerprint"] == "fp" and rec["version"] == "v1"
     assert rec["bytes_read"] == (tmp_path / "src" / "cut" / "a.png").stat().st_size
     assert set(rec["timings"]) == {"read", "inference", "residual", "segment", "write"}
@@ -88,10 +93,11 @@ def test_large_residuals_spool_through_a_file(tmp_path, monkeypatch):
     _write_png(tmp_path / "a.png", img)
     cfg = ModelConfig()
     insp = Inspector(build_model(cfg), ModelCard(model=cfg, resize=None), InspectConfig(region_pixels=10_000))
-    record, stats = scan_image(insp, Sample(str(tmp_path / "a.png"), "a.png"), "a", str(tmp_path / "out"), "fp")
-    assert stats is None and "flagged_pixels" not in record        # unlabelled, no threshold: no mask
+    target = ScanTarget(str(tmp_path / "out"), "fp")
+    record, stats = scan_image(insp, Sample(str(tmp_path / "a.png"), "a.png"), "a", target)
+    assert stats is None and "flagged_pixels" not in record.to_dict()   # unlabelled, no threshold: no mask
     res = tifffile.imread(output_urls(str(tmp_path / "out"), "a")["residual"])
-    assert res.shape == (200, 150) and float(res.max()) == np.float16(record["score"])
+    assert res.shape == (200, 150) and float(res.max()) == np.float16(record.score)
     assert not list((tmp_path / "out").glob("**/.tmp-*")) and not list((tmp_path / "out").glob("**/*.tmp-*"))
 
 
@@ -101,7 +107,8 @@ class _Counting:
     def __init__(self, n):
         import threading
 
-        self.sem, self.lock, self.now, self.most, self.taken = threading.Semaphore(n), threading.Lock(), 0, 0, 0
+        self.sem, self.lock = threading.Semaphore(n), threading.Lock()
+        self.now, self.most, self.taken = 0, 0, 0
 
     def __enter__(self):
         self.sem.acquire()
@@ -146,21 +153,30 @@ def test_images_scanned_at_once_in_threads_equal_one_at_a_time(tmp_path):
         for i, s in enumerate(samples):
             ran.clear()
             insp.reconstructor._forward = counting
-            alone.append(scan_image(insp, s, str(i), str(tmp_path / "alone"), "fp")[0])
+            alone.append(scan_image(insp, s, str(i), ScanTarget(str(tmp_path / "alone"), "fp"))[0].to_dict())
             del insp.reconstructor._forward
             assert alone[-1]["tiles"] == sum(ran) > 0, sizes[i]   # the record counts the windows run
         lock, large = _Counting(2), _Counting(1)
+        together_out = ScanTarget(str(tmp_path / "together"), "fp")
+
+        def scan_together(numbered):
+            i, s = numbered
+            record, _ = scan_image(insp, s, str(i), together_out, compute_slots=lock,
+                                   large_image_permits=large)
+            return record.to_dict()
+
         with ThreadPoolExecutor(3) as pool:
-            together = list(pool.map(lambda a: scan_image(insp, a[1], str(a[0]), str(tmp_path / "together"), "fp",
-                                                          lock=lock, large=large)[0], enumerate(samples)))
+            together = list(pool.map(scan_together, enumerate(samples)))
     finally:
         torch.set_num_threads(threads)
     assert large.taken == 3 and large.most == 1           # 300x260, 180x400, 260x300 exceed 60,000 pixels
     assert lock.most == 2 and lock.taken == sum(r["bands"] + 1 for r in alone)   # each band, then the end
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):
         for key in ("score", "flagged_pixels", "regions", "tiles", "bands", "height", "width"):
             assert a[key] == b[key], key
-        ua, ub = output_urls(str(tmp_path / "alone"), a["stem"]), output_urls(str(tmp_path / "together"), b["stem"])
+        ua = output_urls(str(tmp_path / "alone"), a["stem"])
+        ub = output_urls(str(tmp_path / "together"), b["stem"])
         for kind in ("mask", "residual"):
-            assert open(ua[kind], "rb").read() == open(ub[kind], "rb").read(), kind
-    assert alone[3]["tiles"] == 4 and alone[4]["tiles"] == 1   # 150 px: windows at 0 and 22; 100 px: padded to one
+            assert _bytes(ua[kind]) == _bytes(ub[kind]), kind
+    # 150 px: windows at 0 and 22; 100 px: padded to one
+    assert alone[3]["tiles"] == 4 and alone[4]["tiles"] == 1

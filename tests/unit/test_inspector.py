@@ -50,10 +50,10 @@ def test_bands_equal_the_whole_image_exactly(loss, precision, shape, region):
 def test_4096_image_region_wise_equals_whole():
     img = _texture(4096, 4096, seed=1)
     t = 0.5
-    whole = _inspector("ssim", "bfloat16", 1 << 26, t).inspect(img, "big", grey=False)
+    whole = _inspector("ssim", "bfloat16", 1 << 26, t).inspect(img, "big", keep_opened=False)
     banded_insp = _inspector("ssim", "bfloat16", 4096 * 600, t)
     assert banded_insp.band_rows(4096, 4096) == 600
-    banded = banded_insp.inspect(img, "big", grey=False)
+    banded = banded_insp.inspect(img, "big", keep_opened=False)
     np.testing.assert_array_equal(banded.residual, whole.residual)
     np.testing.assert_array_equal(banded.mask, whole.mask)
     assert whole.tiles == 134 * 134
@@ -65,3 +65,14 @@ def test_images_scale_like_the_training_images():
     assert card.processing_shape(4096, 2048) == (2048, 1024)     # same factor, not a fixed square
     assert ModelCard(model=ModelConfig(), resize=256).processing_shape(300, 500) == (256, 256)  # older cards
     assert ModelCard(model=ModelConfig(), resize=None).processing_shape(300, 500) == (300, 500)
+
+
+def test_a_card_written_with_a_stride_still_loads():
+    """Cards once carried the training stride (never read); older cards keep loading."""
+    import json
+
+    card = ModelCard(model=ModelConfig(), resize=256, source_size=(512, 512), threshold=0.25)
+    old = json.loads(card.to_json())
+    assert "stride" not in old
+    loaded = ModelCard.from_json(json.dumps({**old, "stride": 30}))
+    assert loaded == card and loaded.fingerprint == card.fingerprint

@@ -36,8 +36,10 @@ def test_manifest_validates(path):
 
 
 def test_manifest_set():
-    kinds = sorted((d["kind"], d["metadata"]["name"]) for p in MANIFESTS for d in kv.load_documents(p.read_text()))
-    assert kinds == [("RayCluster", "ray-inspect"), ("RayJob", "ray-inspect-scan"), ("RayJob", "ray-inspect-train")]
+    kinds = sorted((d["kind"], d["metadata"]["name"])
+                   for p in MANIFESTS for d in kv.load_documents(p.read_text()))
+    assert kinds == [("RayCluster", "ray-inspect"), ("RayJob", "ray-inspect-scan"),
+                     ("RayJob", "ray-inspect-train")]
 
 
 def test_raycluster_has_a_cpu_head_and_a_gpu_worker_group():
@@ -51,8 +53,8 @@ def test_raycluster_has_a_cpu_head_and_a_gpu_worker_group():
     for container in [head, gpu["template"]["spec"]["containers"][0]]:
         env = {e["name"]: e for e in container["env"]}
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            assert "value" not in env[key] and env[key]["valueFrom"]["secretKeyRef"] == {"name": "ray-inspect-s3",
-                                                                                          "key": key}
+            assert "value" not in env[key]
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "ray-inspect-s3", "key": key}
 
 
 @pytest.mark.parametrize("name, command", [("rayjob-train.yaml", "train"), ("rayjob-scan.yaml", "scan")])
@@ -105,7 +107,8 @@ def test_strict_crd_schema_rejects_unknown_fields_but_keeps_open_maps():
         "a": {"type": "object", "properties": {"b": {"type": "string"}}},
         "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"c": {}}},
         "map": {"type": "object", "additionalProperties": {"type": "string"}}}})
-    assert schema["additionalProperties"] is False and schema["properties"]["a"]["additionalProperties"] is False
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["a"]["additionalProperties"] is False
     assert "additionalProperties" not in schema["properties"]["open"]
     assert schema["properties"]["map"]["additionalProperties"] == {"type": "string"}
 
@@ -133,7 +136,8 @@ def test_bad_metadata_and_core_kinds_fail():
         kv.validate([{"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "x"},
                       "spec": {"schedul": "* * * * *", "jobTemplate": {}}}])
     with pytest.raises(kv.ManifestError, match="invalid label value"):
-        kv.validate([{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "labels": {"a": "b c"}}}])
+        kv.validate([{"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "x", "labels": {"a": "b c"}}}])
 
 
 def test_monitoring_structure_checks_fail():
@@ -155,4 +159,5 @@ def test_vendored_kuberay_schemas_match_the_shared_copy():
     if shared is None:
         pytest.skip("no shared/schemas/kuberay beside this checkout (a fresh clone uses the vendored copy)")
     for name in kv.KUBERAY_KINDS.values():
-        assert gzip.decompress((kv.VENDORED / (name + ".gz")).read_bytes()) == (shared / name).read_bytes(), name
+        vendored = gzip.decompress((kv.VENDORED / (name + ".gz")).read_bytes())
+        assert vendored == (shared / name).read_bytes(), name

@@ -55,9 +55,10 @@ def exact_au_pro(scores, masks, limit=0.3):
 def test_auroc_matches_sklearn():
     scores, masks = synthetic_maps()
     roc = PixelROC(range=(0.0, 2.0))
-    for s, m in zip(scores, masks):
+    for s, m in zip(scores, masks, strict=True):
         roc.update(s, m)
-    ref = roc_auc_score(np.concatenate([m.ravel() for m in masks]), np.concatenate([s.ravel() for s in scores]))
+    ref = roc_auc_score(np.concatenate([m.ravel() for m in masks]),
+                        np.concatenate([s.ravel() for s in scores]))
     assert abs(roc.auroc() - ref) <= 1e-3
     assert 0.6 < ref < 0.99  # a non-trivial case
 
@@ -74,7 +75,7 @@ def test_merging_shards_equals_whole():
     scores, masks = synthetic_maps(2)
     whole = PixelROC(range=(0, 2))
     a, b = PixelROC(range=(0, 2)), PixelROC(range=(0, 2))
-    for i, (s, m) in enumerate(zip(scores, masks)):
+    for i, (s, m) in enumerate(zip(scores, masks, strict=True)):
         whole.update(s, m)
         (a if i % 2 else b).update(s, m)
     merged = PixelROC.from_bytes((a + b).to_bytes())
@@ -89,7 +90,7 @@ def test_merging_shards_equals_whole():
 def test_curve_ends_and_image_auroc():
     scores, masks = synthetic_maps(3)
     roc = PixelROC(range=(0, 2))
-    for s, m in zip(scores, masks):
+    for s, m in zip(scores, masks, strict=True):
         roc.update(s, m)
     fpr, tpr, thr = roc.curve()
     assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1

@@ -53,7 +53,7 @@ def naive_opening(m, fp):
         for x in range(w):
             ero[y, x] = all(0 <= y + dy < h and 0 <= x + dx < w and m[y + dy, x + dx] for dy, dx in offs)
     out = np.zeros_like(m)
-    for y, x in zip(*np.nonzero(ero)):
+    for y, x in zip(*np.nonzero(ero), strict=True):
         for dy, dx in offs:
             if 0 <= y + dy < h and 0 <= x + dx < w:
                 out[y + dy, x + dx] = True
@@ -64,7 +64,7 @@ def test_cropped_binary_path_equals_grey_path():
     rng = np.random.default_rng(5)
     for _ in range(20):
         r = rng.random((120, 100)).astype(np.float32) * 0.5
-        for _ in range(6):                                                 # blobs, some touching or at the border
+        for _ in range(6):                                         # blobs, some touching or at the border
             y, x = rng.integers(0, 115), rng.integers(0, 95)
             r[y:y + rng.integers(2, 14), x:x + rng.integers(2, 14)] += 0.6
         r[rng.integers(0, 120, 30), rng.integers(0, 100, 30)] = 0.9       # isolated pixels

@@ -15,6 +15,7 @@ from helpers.promserver import scrape
 from helpers.recorders import INFO, record, scan_telemetry
 from helpers.s3server import free_ports
 from ray_inspect import telemetry as t
+from ray_inspect.records import FailureKind
 
 
 def test_scan_counts_every_event_once():
@@ -24,20 +25,22 @@ def test_scan_counts_every_event_once():
     tel.actors(2)
     tel.in_flight(4)
     assert v("ray_inspect_scan_actors") == 2 and v("ray_inspect_images_in_flight") == 4
-    assert v("ray_inspect_scan_images", {"state": "to_scan"}) == 7 and v("ray_inspect_scan_images", {"state": "done"}) == 0
+    assert v("ray_inspect_scan_images", {"state": "to_scan"}) == 7
+    assert v("ray_inspect_scan_images", {"state": "done"}) == 0
     for tiles in (49, 36, 36, 81):
         tel.image(record(tiles))
     tel.image(record(10, inference=0.5, gpu_magic=1.0))   # unknown stages are not labels
     tel.failed("corrupt")
-    tel.failed("worker_died")
+    tel.failed(FailureKind.WORKER_DIED)
     tel.failed("a file name.png")                          # free text never becomes a label value
     assert v("ray_inspect_images_scanned_total") == 5
     assert v("ray_inspect_tiles_processed_total") == 49 + 36 + 36 + 81 + 10
-    assert v("ray_inspect_read_bytes_total") == 5 * 1000 + 212 and v("ray_inspect_written_bytes_total") == 5 * 500 + 212
+    assert v("ray_inspect_read_bytes_total") == 5 * 1000 + 212
+    assert v("ray_inspect_written_bytes_total") == 5 * 500 + 212
     assert v("ray_inspect_images_failed_total", {"reason": "corrupt"}) == 1
     assert v("ray_inspect_images_failed_total", {"reason": "worker_died"}) == 1
     assert v("ray_inspect_images_failed_total", {"reason": "other"}) == 1
-    assert v("ray_inspect_images_failed_total", {"reason": "mask"}) == 0      # every reason exists from the start
+    assert v("ray_inspect_images_failed_total", {"reason": "mask"}) == 0   # every reason exists at start
     assert v("ray_inspect_stage_duration_seconds_count", {"stage": "inference"}) == 5
     assert v("ray_inspect_stage_duration_seconds_count", {"stage": "read"}) == 4
     assert v("ray_inspect_stage_duration_seconds_sum", {"stage": "inference"}) == pytest.approx(4 * 0.3 + 0.5)
@@ -57,7 +60,8 @@ def test_scan_counts_every_event_once():
     assert v("ray_inspect_scan_last_run_images", {"result": "failed"}) == 3
     assert v("ray_inspect_scan_last_run_images", {"result": "skipped"}) == 3
     assert v("ray_inspect_scan_last_run_tiles") == 212
-    assert v("ray_inspect_scan_last_success_timestamp_seconds") >= v("ray_inspect_scan_start_timestamp_seconds")
+    assert v("ray_inspect_scan_last_success_timestamp_seconds") \
+        >= v("ray_inspect_scan_start_timestamp_seconds")
     assert v("ray_inspect_scan_actors") == 0 and v("ray_inspect_images_in_flight") == 0
 
 
@@ -76,8 +80,9 @@ def test_failed_run_keeps_the_last_success_and_a_new_run_starts_from_zero():
     success = v("ray_inspect_scan_last_success_timestamp_seconds")
     tel.start({**INFO, "run_id": "run-2"})
     assert v("ray_inspect_scan_images", {"state": "done"}) == 0
-    assert v("ray_inspect_scan_info", {**dict.fromkeys(("model_fingerprint", "precision", "stride", "threshold",
-                                                        "version", "workers"), ""), "run_id": "run-1"}) is None
+    settings = ("model_fingerprint", "precision", "stride", "threshold", "version", "workers")
+    old_labels = dict.fromkeys(settings, "")
+    assert v("ray_inspect_scan_info", {**old_labels, "run_id": "run-1"}) is None
     tel.failed("read")
     tel.finish({}, ok=False)
     assert v("ray_inspect_scan_last_run_success") == 0
@@ -104,6 +109,22 @@ def test_disabled_telemetry_is_a_no_op():
     assert "ray_inspect_" not in scrape_registry(t.PROCESS_REGISTRY)   # nothing was registered on the way
 
 
+def test_one_recorder_contract_for_the_real_and_the_null_recorders():
+    tel, _ = scan_telemetry()
+    assert isinstance(tel, t.ScanRecorder) and isinstance(t.NULL_SCAN, t.ScanRecorder)
+    assert isinstance(t.TrainTelemetry(t.TrainMetrics(CollectorRegistry())), t.TrainRecorder)
+    assert isinstance(t.NULL_TRAIN, t.TrainRecorder) and not t.NULL_TRAIN.enabled
+
+
+def test_failure_reasons_are_the_failure_kinds_in_order():
+    _, reg = scan_telemetry()
+    (family,) = [m for m in reg.collect() if m.name == "ray_inspect_images_failed"]
+    reasons = [s.labels["reason"] for s in family.samples if s.name == "ray_inspect_images_failed_total"]
+    assert reasons == [k.value for k in FailureKind] == [   # the words dashboards and alerts know
+        "empty", "corrupt", "unreadable", "mode", "nan", "range", "size", "mask", "invalid", "read", "decode",
+        "format", "storage", "worker_died", "internal", "other"]
+
+
 def test_train_metrics():
     reg = CollectorRegistry()
     tel = t.TrainTelemetry(t.TrainMetrics(reg))
@@ -123,7 +144,8 @@ def test_train_metrics():
     assert v("ray_inspect_train_info", {"loss": "ssim", "latent": "16", "epochs": "3", "workers": "2",
                                         "run_name": "r", "run_id": "tr-1", "version": t.version()}) == 1
     tel.finish({"final_loss": 0.3}, ok=True)
-    assert v("ray_inspect_train_last_run_epochs") == 2 and v("ray_inspect_train_last_run_loss") == pytest.approx(0.3)
+    assert v("ray_inspect_train_last_run_epochs") == 2
+    assert v("ray_inspect_train_last_run_loss") == pytest.approx(0.3)
     assert v("ray_inspect_train_last_success_timestamp_seconds") > 0
 
 
@@ -155,7 +177,8 @@ def _other_local_address() -> str:
 
 def test_unreachable_pushgateway_does_not_fail_the_run(caplog):
     (port,) = free_ports(1)
-    tel, reg = scan_telemetry(t.Pusher(f"http://user:hunter2pass@127.0.0.1:{port}", "ray_inspect_scan", timeout=2))
+    pusher = t.Pusher(f"http://user:hunter2pass@127.0.0.1:{port}", "ray_inspect_scan", timeout=2)
+    tel, reg = scan_telemetry(pusher)
     tel.start(INFO)
     with caplog.at_level(logging.WARNING, logger="ray_inspect"):
         t.log.propagate = True
@@ -197,7 +220,8 @@ def test_json_log_records_carry_run_id_and_image_key(json_log):
         ": 0 scanned, 0 failed, 0 tiles")
     assert all(r["run_id"] == "run-1" for r in recs)
     assert all(set(r) >= {"time", "level", "logger", "message"} for r in recs)
-    assert recs[1]["key"] == "a/b.png" and recs[1]["level"] == "warning" and recs[1]["logger"] == "ray_inspect.distributed.scan"
+    assert recs[1]["key"] == "a/b.png" and recs[1]["level"] == "warning"
+    assert recs[1]["logger"] == "ray_inspect.distributed.scan"
     assert recs[1]["kind"] == "corrupt" and recs[2]["key"] == "c/d.png" and "key" not in recs[3]
     assert recs[0]["model_fingerprint"] == "f00d" and recs[3]["ok"] is True
     assert recs[0]["time"].endswith("+00:00")

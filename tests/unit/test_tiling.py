@@ -38,7 +38,8 @@ def model():
     return ConvAE(ModelConfig()).eval()
 
 
-@pytest.mark.parametrize("shape,stride", [((200, 171), 30), ((128, 301), 30), ((157, 157), 45), ((90, 140), 30)])
+@pytest.mark.parametrize("shape,stride",
+                         [((200, 171), 30), ((128, 301), 30), ((157, 157), 45), ((90, 140), 30)])
 def test_matches_naive_loop(model, shape, stride):
     image = np.random.default_rng(0).random(shape).astype(np.float32)
     got = reconstruct(model, image, stride=stride, precision="float32", batch_size=7)
@@ -120,7 +121,8 @@ def test_bands_cover_their_rows_with_the_whole_images_batches(h, w, band, batch)
     bands = plan_bands(g, h, band, margin=4, radius=5, batch_size=batch)
     assert [b.rows for b in bands] == [(s, min(h, s + band)) for s in range(0, h, band)]
     for b in bands:
-        (o0, o1), (r0, r1), (c0, c1), (j0, j1), (i0, i1) = b.rows, b.residual_rows, b.recon_rows, b.grid_rows, b.input_rows
+        (o0, o1), (r0, r1), (c0, c1) = b.rows, b.residual_rows, b.recon_rows
+        (j0, j1), (i0, i1) = b.grid_rows, b.input_rows
         assert r0 == max(0, o0 - 4) and r1 == min(h, o1 + 4) and c0 == max(0, r0 - 5) and c1 == min(h, r1 + 5)
         # every window touching the reconstruction rows is in the band, and it reads inside its input rows
         touching = [j for j, y in enumerate(g.ys) if y < c1 and y + 128 > c0]

@@ -1,4 +1,8 @@
-"""Patch preparation in Zarr and the training loop."""
+"""Patch preparation in Zarr, the training loop, and the driver's epoch progress."""
+
+import logging
+import queue
+import time
 
 import numpy as np
 import pytest
@@ -6,6 +10,7 @@ import torch
 import zarr
 
 from ray_inspect.config import ModelConfig, PrepareConfig, TrainConfig
+from ray_inspect.distributed.train import _ProgressPump
 from ray_inspect.io.images import read_image, to_uint8
 from ray_inspect.io.patches import open_patches, prepare
 from ray_inspect.io.storage import StorageError
@@ -68,3 +73,55 @@ def test_feature_matching_needs_weights():
         build(ModelConfig(loss="fm"), TrainConfig())
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def train_log():
+    """Records of the training driver's logger (on the logger itself: propagation to the root varies
+    with what configured logging before)."""
+    logger, handler = logging.getLogger("ray_inspect.distributed.train"), _Records()
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+def test_progress_pump_delivers_every_epoch_and_keeps_the_first_callback_error(train_log):
+    progress: queue.Queue = queue.Queue()
+    seen = []
+
+    def on_epoch(stats: dict) -> None:
+        seen.append(stats["epoch"])
+        if stats["epoch"] >= 2:
+            raise RuntimeError(f"cannot print epoch {stats['epoch']}")
+
+    with _ProgressPump(progress, on_epoch) as pump:
+        progress.put({"epoch": 1})
+        time.sleep(0.7)                                    # an empty poll in between
+        for epoch in (2, 3):
+            progress.put({"epoch": epoch})
+    assert seen == [1, 2, 3]                               # all queued epochs delivered before the block ends
+    assert isinstance(pump.error, RuntimeError) and str(pump.error) == "cannot print epoch 2"
+    warnings = [r.getMessage() for r in train_log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "epoch 2" in warnings[0] and "cannot print epoch 2" in warnings[0]
+
+
+def test_progress_pump_stops_when_its_queue_is_gone(train_log):
+    class Gone:                                            # what Ray's queue does once its actor died
+        def empty(self) -> bool:
+            raise ConnectionError("queue actor died")
+
+        def get(self, timeout: float) -> dict:
+            raise ConnectionError("queue actor died")
+
+    seen: list = []
+    with _ProgressPump(Gone(), seen.append, gone=(ConnectionError,)) as pump:
+        pass
+    assert seen == [] and pump.error is None
+    assert any("queue actor died" in r.getMessage() for r in train_log.records)
