@@ -43,7 +43,8 @@ def bf16_supported(device: torch.device | str = "cpu") -> bool:
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
     """bfloat16 where the hardware runs it natively, else float32 (emulated bf16 is slower)."""
     if precision == "bfloat16" and not bf16_supported(device):
-        warnings.warn("this processor has no native bfloat16 support; inferring in float32", stacklevel=2)
+        warnings.warn("this processor has no native bfloat16 support; running the network in float32",
+                      stacklevel=2)
         return "float32"
     return precision
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ray_inspect.config import ModelConfig, TrainConfig
-from ray_inspect.core.inference import precision_context
+from ray_inspect.core.inference import precision_context, resolve_precision
 from ray_inspect.core.losses import LossFn, make_loss
 from ray_inspect.core.model import build_model
 from ray_inspect.io.artifact import ModelCard, load_alexnet, score_range
@@ -64,6 +64,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, los
     model.train()
     total, count, t0 = 0.0, 0, time.perf_counter()
     device = torch.device(device)
+    precision = resolve_precision(precision, device)   # emulated bfloat16 trains slower than float32
     for x in batches:
         x = x.to(device, non_blocking=True)
         if precision == "bfloat16":

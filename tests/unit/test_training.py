@@ -125,3 +125,21 @@ def test_progress_pump_stops_when_its_queue_is_gone(train_log):
         pass
     assert seen == [] and pump.error is None
     assert any("queue actor died" in r.getMessage() for r in train_log.records)
+
+
+@pytest.mark.parametrize("native, expected", [(False, "float32"), (True, "bfloat16")])
+def test_bfloat16_training_only_where_the_cpu_runs_it_natively(patches, monkeypatch, native, expected):
+    """Emulated bfloat16 autocast trains several times slower than float32 on CPUs without
+    AVX-512 BF16/AMX: there the epoch runs in float32, as inference does."""
+    import ray_inspect.core.inference as inference
+    import ray_inspect.steps.training as training
+
+    monkeypatch.setattr(inference, "bf16_supported", lambda device="cpu": native)
+    used = []
+    real = training.precision_context
+    monkeypatch.setattr(training, "precision_context", lambda p, d: used.append(p) or real(p, d))
+    model, opt, loss_fn = build(ModelConfig(latent=8), TrainConfig(batch_size=32))
+    data = PatchBatches(open_patches(patches), 32, seed=0)
+    batches = [b for _, b in zip(range(2), data.epoch(0), strict=False)]
+    stats = train_epoch(model, opt, batches, loss_fn, "bfloat16")
+    assert used == [expected, expected] and stats["patches"] == 64
