@@ -32,16 +32,29 @@ def test_two_workers_stay_in_sync_and_loss_falls(ray_session, patches, tmp_path)
     assert load_model(str(tmp_path / "m")).card.weights_sha256 == card.weights_sha256
 
 
+def _own_train_workers() -> list[psutil.Process]:
+    """This session's Ray Train workers (its local Ray's raylet is a child of this process), never
+    those of another test run on the same machine."""
+    me, found = os.getpid(), []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any("RayTrainWorker" in c for c in (p.info["cmdline"] or [])) \
+                    and me in {a.pid for a in p.parents()}:
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 def test_worker_killed_resumes_from_last_checkpoint(ray_session, patches, tmp_path):
     seen = []
     def killer():
         deadline = time.time() + 600   # a CPU without bf16 instructions takes about a minute per epoch
         while time.time() < deadline and not any(m["epoch"] >= 3 for m in seen):
             time.sleep(0.05)
-        for p in psutil.process_iter(["cmdline"]):
-            if any("RayTrainWorker" in c for c in (p.info["cmdline"] or [])):
-                p.send_signal(signal.SIGKILL)
-                return
+        for p in _own_train_workers():
+            p.send_signal(signal.SIGKILL)
+            return
 
     t = threading.Thread(target=killer)
     t.start()
