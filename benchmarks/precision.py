@@ -27,7 +27,7 @@ def main(model_url: str, dataset: str, limit: int = 30) -> None:
     variants = {"float32": ("float32", True), "bfloat16": ("bfloat16", True),
                 "bfloat16_autocast": ("bfloat16", False)}        # the unfused forward, for comparison
     for name, (prec, fuse) in variants.items():
-        insp = Inspector(model, model.card, InspectConfig(precision=prec))
+        insp = Inspector(model, model.card, InspectConfig(precision=prec), stats=model.normaliser)
         insp.reconstructor.model = prepare_model(model, prec, fuse=fuse)
         roc = PixelROC(range=model.card.score_range)
         t0 = time.perf_counter()

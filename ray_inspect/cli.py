@@ -9,13 +9,17 @@ import sys
 import click
 
 from ray_inspect.config import (
+    AUGMENTATIONS,
     LOSSES,
+    LR_SCHEDULES,
+    NORMALISERS,
     PRECISIONS,
     InspectConfig,
     ModelConfig,
     PrepareConfig,
     RunConfig,
     ScanOptions,
+    ScoreConfig,
     SynthConfig,
     TrainConfig,
 )
@@ -127,22 +131,28 @@ def synth(out, texture, n_train, n_test, n_good, n_val, size, seed, as_json):  #
 @click.argument("dataset")
 @click.argument("patches")
 @click.option("--patches", "n", default=PrepareConfig.patches, show_default=True, help="Number of patches.")
-@click.option("--resize", default="256", show_default=True,
-              help="Downscale training images to PX x PX, or 'none'.")
+@click.option("--short-side", default="256", show_default=True,
+              help="Scale the images so that their smallest shorter side is PX (aspect ratio kept; never "
+                   "enlarged), or 'none' to keep the original resolution.")
+@click.option("--scale", type=float, default=None,
+              help="Scale every image by this factor instead (e.g. 0.5); see docs/method.md on choosing it.")
 @click.option("--channels", default=1, type=click.Choice(["1", "3"]), show_default=True)
 @click.option("--chunk", default=PrepareConfig.chunk, show_default=True, help="Patches per Zarr chunk.")
 @click.option("--seed", default=PrepareConfig.seed, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):  # noqa: PLR0913 - one argument per click option
+def prepare(dataset, patches, n, short_side, scale, channels, chunk, seed, as_json):  # noqa: PLR0913 - one argument per click option
     """Crop random 128x128 training patches of DATASET into a Zarr v3 array at PATCHES."""
     from ray_inspect.io.patches import prepare as run
+    from ray_inspect.io.patches import scale_reason
 
-    size = None if resize.lower() == "none" else int(resize)
-    cfg = PrepareConfig(patches=n, resize=size, channels=int(channels), chunk=chunk, seed=seed)
+    side = None if short_side.lower() == "none" else int(short_side)
+    cfg = PrepareConfig(patches=n, short_side=side, scale=scale, channels=int(channels), chunk=chunk,
+                        seed=seed)
     with click.progressbar(length=n, label="patches", file=sys.stderr) as bar:
         attrs = run(dataset, patches, cfg, progress=bar.update)
     _emit(attrs, as_json,
-          f"{patches}: {n} patches from {attrs['images']} images, fingerprint {attrs['fingerprint']}")
+          f"{patches}: {n} patches from {attrs['images']} images, fingerprint {attrs['fingerprint']}\n"
+          f"{scale_reason(attrs, cfg)}")
 
 
 @main.command()
@@ -155,6 +165,10 @@ def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):  # noq
 @click.option("--lr", default=TrainConfig.lr, show_default=True)
 @click.option("--weight-decay", default=TrainConfig.weight_decay, show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default=TrainConfig.precision, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=TrainConfig.lr_schedule,
+              show_default=True, help="constant (the paper) or cosine decay to lr x 0.05 by the last epoch.")
+@click.option("--augment", type=click.Choice(AUGMENTATIONS), default=TrainConfig.augment, show_default=True,
+              help="Random flips, or flips and 90-degree turns (dihedral), of every patch.")
 @click.option("--alexnet-weights", default=None, help="torchvision AlexNet state dict (needed by --loss fm).")
 @click.option("--seed", default=TrainConfig.seed, show_default=True)
 @click.option("--workers", default=RunConfig.workers, show_default=True,
@@ -168,7 +182,8 @@ def prepare(dataset, patches, n, resize, channels, chunk, seed, as_json):  # noq
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True)
 def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, precision,  # noqa: PLR0913 - one argument per click option
-          alexnet_weights, seed, workers, use_gpu, storage, run_name, checkpoint_every, max_failures, address,
+          lr_schedule, augment, alexnet_weights, seed, workers, use_gpu, storage, run_name, checkpoint_every,
+          max_failures, address,
           as_json):
     """Train an autoencoder on PATCHES with Ray Train and write the model directory MODEL."""
     from ray_inspect.distributed.train import TrainHooks, fit
@@ -179,7 +194,7 @@ def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, pr
     channels = open_patches(patches).shape[1]
     mcfg = ModelConfig(loss=loss, latent=latent, channels=channels)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-                       precision=precision)
+                       precision=precision, lr_schedule=lr_schedule, augment=augment)
     run = RunConfig(workers=workers, use_gpu=use_gpu, storage=storage, run_name=run_name,
                     checkpoint_every=checkpoint_every, max_failures=max_failures, address=address)
     tel = click.get_current_context().obj["telemetry"]
@@ -236,16 +251,24 @@ def _with(options):
               help="MVTec rule: no region of A pixels on validation images.")
 @click.option("--fpr", type=float, default=None,
               help="Target pixel false-positive rate on validation images.")
+@click.option("--smooth-sigma", type=float, default=ScoreConfig.smooth_sigma, show_default=True,
+              help="Smooth the residual with a Gaussian of this sigma (px at processing scale); "
+                   "0 = the paper.")
+@click.option("--normalise", type=click.Choice(NORMALISERS), default=ScoreConfig.normalise, show_default=True,
+              help="position: score each pixel against the validation images' residual at that position.")
 @_with(inspect_options)
 @click.option("--json", "as_json", is_flag=True)
-def calibrate(model, images, min_area, fpr, stride, precision, batch_size, as_json):  # noqa: PLR0913 - one argument per click option
-    """Set MODEL's threshold from defect-free validation IMAGES (ROOT/validation/good or a folder)."""
+def calibrate(model, images, min_area, fpr, smooth_sigma, normalise, stride, precision, batch_size, as_json):  # noqa: PLR0913 - one argument per click option
+    """Set MODEL's score and threshold from defect-free IMAGES (ROOT/validation/good or a folder)."""
     from ray_inspect.steps.calibrate import calibrate as run
 
     if (min_area is None) == (fpr is None):
         raise click.UsageError("give exactly one of --min-area or --fpr")
-    res = run(model, images, min_area, fpr, _inspect_cfg(stride, precision, batch_size))
-    _emit(res, as_json, f"{model}: threshold {res['threshold']:.5g} ({res['rule']}, {res['images']} images)")
+    score = ScoreConfig(smooth_sigma=smooth_sigma, normalise=normalise)
+    res = run(model, images, min_area, fpr, _inspect_cfg(stride, precision, batch_size), score=score)
+    how = "paper residual" if score.is_paper else f"smooth_sigma {smooth_sigma:g}, normalise {normalise}"
+    _emit(res, as_json, f"{model}: threshold {res['threshold']:.5g} ({res['rule']}, {res['images']} images; "
+                        f"{how})")
 
 
 class _Progress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -9,6 +10,10 @@ from typing import Any
 
 LOSSES = ("ssim", "l2", "vae", "fm")
 PRECISIONS = ("float32", "bfloat16")
+LR_SCHEDULES = ("constant", "cosine")
+AUGMENTATIONS = ("none", "flips", "dihedral")
+NORMALISERS = ("none", "position")
+Z_MAX = 64.0                      # normalised scores are clipped to [0, Z_MAX] (the ROC's fixed bins)
 LOG_FORMATS = ("text", "json")
 PIPELINE_ENV = "RAY_INSPECT_PIPELINE"
 
@@ -57,24 +62,76 @@ class TrainConfig:
     weight_decay: float = 1e-5
     seed: int = 0
     precision: str = "bfloat16"   # autocast for the network; losses are computed in float32
+    lr_schedule: str = "constant"  # the paper's; "cosine" decays lr to lr * lr_floor over the epochs
+    lr_floor: float = 0.05
+    augment: str = "none"         # "flips" (horizontal, vertical) or "dihedral" (flips and 90-degree turns)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be positive")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                             f"not {self.lr_schedule!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {self.augment!r}")
+        if not 0 < self.lr_floor <= 1:
+            raise ValueError("lr floor must be in (0, 1]")
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of ``epoch`` (0-based): a function of the epoch alone, so a resumed run matches."""
+        if self.lr_schedule == "constant" or self.epochs == 1:
+            return self.lr
+        floor = self.lr * self.lr_floor
+        return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * epoch / (self.epochs - 1)))
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Patch extraction: downscale training images, crop random 128x128 patches."""
+    """Patch extraction: scale training images by one factor (aspect ratio kept), crop random patches.
+
+    The factor is ``scale`` when given, else the one that takes the training images' smallest
+    shorter side to ``short_side`` (never above 1); ``short_side=None`` keeps the original resolution. The
+    paper's 1024 x 1024 -> 256 x 256 is ``short_side=256``.
+    """
 
     patches: int = 10_000
-    resize: int | None = 256      # None keeps the original resolution
+    short_side: int | None = 256
+    scale: float | None = None
     patch: int = 128
     channels: int = 1
     seed: int = 0
     chunk: int = 256              # patches per Zarr chunk along N
+
+    def __post_init__(self) -> None:
+        if self.scale is not None and not 0 < self.scale <= 4:
+            raise ValueError(f"scale must be in (0, 4], not {self.scale}")
+        if self.short_side is not None and self.short_side < self.patch:
+            raise ValueError(f"short side must be at least the {self.patch}-px patch, not {self.short_side}")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How the residual 1 - SSIM becomes the anomaly score that is thresholded (the paper: as is).
+
+    ``smooth_sigma``: Gaussian smoothing in pixels at processing scale (0 = off). ``normalise``:
+    "position" turns the score into a z-score against the defect-free images' residual at each
+    position (learned by calibrate), clipped to [0, Z_MAX].
+    """
+
+    smooth_sigma: float = 0.0
+    normalise: str = "none"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.smooth_sigma <= 32:
+            raise ValueError(f"smoothing sigma must be in [0, 32] px, not {self.smooth_sigma}")
+        if self.normalise not in NORMALISERS:
+            raise ValueError(f"normalise must be one of {', '.join(NORMALISERS)}, not {self.normalise!r}")
+
+    @property
+    def is_paper(self) -> bool:
+        return self.smooth_sigma == 0 and self.normalise == "none"
 
 
 @dataclass(frozen=True)
@@ -182,7 +239,8 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 __all__ = [
-    "LOSSES", "PRECISIONS", "SSIMConfig", "ModelConfig", "TrainConfig", "PrepareConfig",
+    "LOSSES", "PRECISIONS", "LR_SCHEDULES", "AUGMENTATIONS", "NORMALISERS", "Z_MAX", "ScoreConfig",
+    "SSIMConfig", "ModelConfig", "TrainConfig", "PrepareConfig",
     "InspectConfig", "MetricsConfig", "SynthConfig", "RunConfig", "ScanOptions", "TelemetryConfig",
     "LOG_FORMATS", "PIPELINE_ENV", "to_dict", "from_dict", "replace", "field",
 ]

@@ -11,7 +11,7 @@ import tifffile
 
 from ray_inspect.core.metrics import PixelROC
 from ray_inspect.io import storage
-from ray_inspect.io.images import read_image, read_mask, resize_image, resize_mask
+from ray_inspect.io.images import read_image, read_mask
 from ray_inspect.records import ImageRecord
 from ray_inspect.steps.imagescan import output_urls
 
@@ -85,12 +85,11 @@ def roc_figure(raw: PixelROC, opened: PixelROC | None, fpr_limit: float = 0.3) -
 
 
 def overlay_figure(record: ImageRecord, out: str) -> bytes:
-    """Input with predicted mask (red) and ground truth (green outline), beside the residual map."""
+    """Input with predicted mask (red) and ground truth (green outline) at the image's stored size,
+    beside the score map (at processing scale)."""
     urls = output_urls(out, record.stem)
-    original = read_image(record.url, 1)
+    img = read_image(record.url, 1)
     residual = tifffile.imread(io.BytesIO(storage.read_bytes(urls["residual"]))).astype(np.float32)
-    size = None if original.shape == residual.shape else residual.shape
-    img = resize_image(original, size)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4.6))
     a.imshow(img, cmap="gray", vmin=0, vmax=1)
     mask_url = urls["mask"]
@@ -98,11 +97,11 @@ def overlay_figure(record: ImageRecord, out: str) -> bytes:
         m = read_image(mask_url, 1) > 0.5
         a.imshow(np.ma.masked_where(~m, m), cmap="autumn", alpha=0.45)
     if record.mask_url:
-        gt = resize_mask(read_mask(record.mask_url, original.shape), size)
+        gt = read_mask(record.mask_url, img.shape)
         a.contour(gt, levels=[0.5], colors="lime", linewidths=1)
     a.set_title(f"{record.key}  score {record.score:.3f}", fontsize=9)
     im = b.imshow(residual, cmap="inferno")
-    b.set_title("residual", fontsize=9)
+    b.set_title("score map", fontsize=9)
     fig.colorbar(im, ax=b, fraction=0.046)
     for ax in (a, b):
         ax.axis("off")

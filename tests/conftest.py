@@ -26,5 +26,5 @@ def patches(dataset, tmp_path_factory):
     from ray_inspect.io.patches import prepare
 
     url = str(tmp_path_factory.mktemp("patches") / "p.zarr")
-    prepare(dataset, url, PrepareConfig(patches=300, resize=None, chunk=64, seed=1))
+    prepare(dataset, url, PrepareConfig(patches=300, short_side=None, chunk=64, seed=1))
     return url

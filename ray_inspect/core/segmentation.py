@@ -54,6 +54,23 @@ def segment(residual: np.ndarray, threshold: float, diameter: int = 4,
     return _open(cand.view(np.uint8), diameter).view(bool)
 
 
+def nearest_source(n_source: int, n: int) -> np.ndarray:
+    """For each of ``n_source`` pixels along an axis, the index of the nearest of ``n`` pixels
+    covering the same extent (pixel centres aligned)."""
+    return np.minimum(n - 1, ((np.arange(n_source) + 0.5) * (n / n_source)).astype(np.int64))
+
+
+def upscale_mask_rows(mask: np.ndarray, rows: tuple[int, int], shape: tuple[int, int],
+                      source_shape: tuple[int, int]) -> np.ndarray:
+    """Rows ``rows`` of a mask at processing ``shape``, as the rows of the image at ``source_shape``
+    that take their value from them (nearest neighbour): consecutive bands give the whole mask."""
+    if shape == source_shape:
+        return mask
+    src_rows = nearest_source(source_shape[0], shape[0])
+    mine = src_rows[(src_rows >= rows[0]) & (src_rows < rows[1])] - rows[0]
+    return mask[mine][:, nearest_source(source_shape[1], shape[1])]
+
+
 def threshold_for_fpr(maps: list[np.ndarray], fpr: float) -> float:
     """Smallest threshold whose pixel false-positive rate (r > t) on defect-free maps is <= fpr."""
     if not 0 <= fpr < 1:

@@ -104,18 +104,20 @@ class Band:
     recon_rows: tuple[int, int]      # reconstruction needed: residual rows +- the SSIM radius
     grid_rows: tuple[int, int]       # window rows reaching the reconstruction rows, group-aligned
     input_rows: tuple[int, int]      # image rows those windows read
+    image_rows: int = 0              # rows of the whole image
 
     @classmethod
     def whole(cls, grid: TileGrid, height: int) -> Band:
         """The one band of an image of ``height`` rows: every row, every window row of ``grid``."""
-        return cls((0, height), (0, height), (0, height), (0, len(grid.ys)), (0, grid.height))
+        return cls((0, height), (0, height), (0, height), (0, len(grid.ys)), (0, grid.height), height)
 
 
 def plan_bands(grid: TileGrid, height: int, band_rows: int, margin: int, radius: int,
                batch_size: int) -> list[Band]:
     """Cut rows [0, height) into bands of ``band_rows`` output rows on ``grid``'s windows.
 
-    ``margin`` rows on each side feed the opening, ``radius`` more the SSIM window; the windows
+    ``margin`` rows on each side feed the opening (and any smoothing of the residual), ``radius``
+    more the SSIM window; the windows
     are those reaching the reconstruction rows, widened to whole batch groups.
     """
     ys, p = grid.ys, grid.patch
@@ -128,7 +130,7 @@ def plan_bands(grid: TileGrid, height: int, band_rows: int, margin: int, radius:
         j0 = int(np.searchsorted(ys + p, c0, side="right"))
         j1 = int(np.searchsorted(ys, c1, side="left"))
         j0, j1 = j0 // k * k, min(ny, -(-j1 // k) * k)
-        bands.append(Band((o0, o1), (r0, r1), (c0, c1), (j0, j1), (int(ys[j0]), int(ys[j1 - 1]) + p)))
+        bands.append(Band((o0, o1), (r0, r1), (c0, c1), (j0, j1), (int(ys[j0]), int(ys[j1 - 1]) + p), height))
     return bands
 
 

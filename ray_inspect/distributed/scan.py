@@ -84,7 +84,7 @@ class ScanActor:
         cv2.setNumThreads(max(1, threads))
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         model = load_model(model_url, device)
-        self.inspector = Inspector(model, model.card, cfg, threshold, device)
+        self.inspector = Inspector(model, model.card, cfg, threshold, device, stats=model.normaliser)
         self.target = target
         self.compute_slots = threading.BoundedSemaphore(max(1, slots))          # images computing
         self.large_image_permits = threading.BoundedSemaphore(max(1, slots))    # images beyond one region

@@ -28,7 +28,7 @@ from ray_inspect.distributed.cluster import ensure_ray
 from ray_inspect.io import storage
 from ray_inspect.io.artifact import ModelCard, load_alexnet, save_model
 from ray_inspect.io.patches import open_patches
-from ray_inspect.steps.training import PatchBatches, build, make_card, train_epoch
+from ray_inspect.steps.training import PatchBatches, build, make_card, set_lr, train_epoch
 from ray_inspect.telemetry import NULL_TRAIN, TrainRecorder
 
 STATE = "state.pt"
@@ -115,17 +115,18 @@ def train_loop(config: dict) -> None:
     if state is not None:
         opt.load_state_dict(state["optimizer"])  # after the move: Adam's state follows the parameters' device
     data = PatchBatches(open_patches(config["patches"]), train_cfg.batch_size, seed=train_cfg.seed, rank=rank,
-                        world=world)
+                        world=world, augment=train_cfg.augment)
     every = max(1, int(config["checkpoint_every"]))
     for epoch in range(start, train_cfg.epochs):
         t0 = time.time()
+        lr = set_lr(opt, train_cfg, epoch)
         batches = _limited(data.epoch(epoch), _steps_per_epoch(data, epoch))
         stats = train_epoch(ddp, opt, batches, loss_fn, train_cfg.precision, device)
         totals, in_sync, digest = _all_ranks(stats, model, world)
         seconds = time.time() - t0
         metrics = {"epoch": epoch + 1, "loss": float(totals[0] / totals[1]), "patches": int(totals[1]),
                    "seconds": seconds, "patches_per_s": float(totals[1]) / seconds, "workers": world,
-                   "resumed_from": start, "ranks_in_sync": in_sync, "param_digest": digest}
+                   "resumed_from": start, "ranks_in_sync": in_sync, "param_digest": digest, "lr": lr}
         if (epoch + 1) % every == 0 or epoch + 1 == train_cfg.epochs:   # the last epoch always checkpoints
             metrics = _report_checkpoint(model, opt, epoch, metrics, rank)
         else:

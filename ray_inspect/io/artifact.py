@@ -14,12 +14,15 @@ import platform
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from ray_inspect.config import ModelConfig, from_dict
+from ray_inspect.config import ModelConfig, ScoreConfig, from_dict
 from ray_inspect.core.model import AlexNetFeatures, build_model
+from ray_inspect.core.scoring import PositionStats
 from ray_inspect.io import storage
+from ray_inspect.io.images import scaled_shape
 
 CARD = "card.json"
 FORMAT = 1
@@ -47,6 +50,10 @@ class ModelCard:
     model: ModelConfig
     resize: int | None = 256
     source_size: tuple[int, int] | None = None   # training images' (H, W) before the resize
+    scale: float | None = None                   # one factor for every image (aspect ratio kept)
+    score: ScoreConfig = ScoreConfig()           # residual -> score (the paper: the residual as is)
+    normaliser: str = ""                         # file of the position statistics (score.normalise)
+    normaliser_sha256: str = ""
     threshold: float | None = None
     threshold_rule: dict[str, Any] | None = None
     score_range: tuple[float, float] = (0.0, 2.0)
@@ -60,8 +67,10 @@ class ModelCard:
     format: int = FORMAT
 
     def processing_shape(self, height: int, width: int) -> tuple[int, int]:
-        """Images are scaled by the factor that took the training images to ``resize``; a card
-        without the training size keeps the older fixed ``resize`` x ``resize``."""
+        """Images are scaled by the card's factor, aspect ratio kept. Older cards scale by the factor
+        that took the first training image to ``resize``, or to a fixed ``resize`` x ``resize``."""
+        if self.scale is not None:
+            return scaled_shape(height, width, self.scale)
         if self.resize is None:
             return height, width
         if not self.source_size:
@@ -72,6 +81,11 @@ class ModelCard:
     def to_json(self) -> str:
         d = asdict(self)
         d["score_range"] = list(self.score_range)
+        if self.scale is None:        # an older card reads and writes as it was
+            del d["scale"]
+        if self.score.is_paper and not self.normaliser:
+            for k in ("score", "normaliser", "normaliser_sha256"):
+                del d[k]
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
@@ -81,13 +95,16 @@ class ModelCard:
         d["model"] = from_dict(ModelConfig, d["model"])
         d["score_range"] = tuple(d.get("score_range", score_range(d["model"].loss)))
         d["source_size"] = tuple(d["source_size"]) if d.get("source_size") else None
+        d["score"] = from_dict(ScoreConfig, d.get("score") or {})
         return from_dict(cls, d)
 
     @property
     def fingerprint(self) -> str:
         """Identity of the model and the settings that change its outputs."""
-        key = json.dumps([self.weights_sha256, self.resize, self.source_size, self.threshold,
-                          asdict(self.model)], sort_keys=True)
+        key = [self.weights_sha256, self.resize, self.source_size, self.threshold, asdict(self.model)]
+        if self.scale is not None or not self.score.is_paper:   # older cards keep their fingerprint
+            key += [self.scale, asdict(self.score), self.normaliser_sha256]
+        key = json.dumps(key, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -128,7 +145,37 @@ def load_model(url: str, device: str | torch.device = "cpu") -> nn.Module:
     model = build_model(card.model)
     model.load_state_dict(state)
     model.card = card
+    model.normaliser = load_normaliser(url, card)
     return model.eval().to(device)
+
+
+def save_normaliser(url: str, stats: PositionStats) -> tuple[str, str]:
+    """Write position statistics content-addressed beside the weights; returns (file name, sha256)."""
+    buf = io.BytesIO()
+    np.savez(buf, mean=stats.mean, std=stats.std)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    name = f"normaliser-{sha[:16]}.npz"
+    storage.write_bytes(storage.join(url, name), data)
+    return name, sha
+
+
+def load_normaliser(url: str, card: ModelCard) -> PositionStats | None:
+    """The card's position statistics (None when it has none), checked against its checksum."""
+    if not card.normaliser:
+        return None
+    path = storage.join(url, card.normaliser)
+    data = storage.read_bytes(path)
+    if hashlib.sha256(data).hexdigest() != card.normaliser_sha256:
+        raise ValueError(f"{path}: checksum does not match the card")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            mean, std = z["mean"].astype(np.float32), z["std"].astype(np.float32)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ValueError(f"{path}: not a normaliser file ({exc})") from None
+    if mean.ndim != 2 or mean.shape != std.shape or not (np.isfinite(mean).all() and (std > 0).all()):
+        raise ValueError(f"{path}: normaliser maps are malformed")
+    return PositionStats(mean, std)
 
 
 def load_alexnet(path: str) -> AlexNetFeatures:

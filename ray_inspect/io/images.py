@@ -152,6 +152,13 @@ def _shape(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def scaled_shape(height: int, width: int, scale: float) -> tuple[int, int]:
+    """An image's processing shape at ``scale`` (aspect ratio kept; the same for training and scan)."""
+    if scale == 1:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def resize_image(img: np.ndarray, size: int | tuple[int, int] | None) -> np.ndarray:
     """Downscale to ``size`` (a side or (H, W); anti-aliased), as the paper does for textures;
     None keeps the image as it is."""

@@ -1,45 +1,84 @@
 """Training patches in Zarr v3: (N, C, 128, 128) uint8, chunked along N, local or s3://.
 
-``prepare`` downscales the defect-free training images and crops N random windows, one chunk at
-a time; the array is marked complete (with a content fingerprint) only after its last chunk.
+``prepare`` scales the defect-free training images by one factor (aspect ratio kept, the factor
+recorded for the scan) and crops N random windows, one chunk at a time; the array is marked
+complete (with a content fingerprint) only after its last chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
 import zarr
 
-from ray_inspect.config import PrepareConfig
+from ray_inspect.config import InspectConfig, PrepareConfig
 from ray_inspect.io import storage
 from ray_inspect.io.datasets import train_images
-from ray_inspect.io.images import read_image, resize_image, to_uint8
+from ray_inspect.io.images import fetch, peek_shape, read_image, resize_image, scaled_shape, to_uint8
+
+SIZE_SAMPLE = 256   # training images whose headers decide the scale
+
+
+def choose_scale(urls: list[str], cfg: PrepareConfig, seed: int = 0) -> tuple[float, int]:
+    """The factor for every image: ``cfg.scale``, or the one that takes the smallest shorter side of
+    (a sample of) the training images to ``cfg.short_side`` (so every image still holds a patch),
+    never enlarging; also that smallest side."""
+    rng = np.random.default_rng(seed)
+    pick = urls
+    if len(urls) > SIZE_SAMPLE:
+        pick = [urls[i] for i in rng.choice(len(urls), SIZE_SAMPLE, replace=False)]
+    sides = []
+    for url in pick:
+        shape = peek_shape(fetch(url), url) or read_image(url).shape[:2]
+        sides.append(min(shape[:2]))
+    smallest = int(min(sides))
+    if cfg.scale is not None:
+        return float(cfg.scale), smallest
+    if cfg.short_side is None:
+        return 1.0, smallest
+    return min(1.0, cfg.short_side / smallest), smallest
+
+
+def scale_reason(attrs: dict, cfg: PrepareConfig) -> str:
+    """One line for the user: the factor, why, and the smallest defect that survives the opening."""
+    scale, side = attrs["scale"], attrs["min_short_side"]
+    if cfg.scale is not None:
+        why = f"--scale {cfg.scale:g}"
+    elif cfg.short_side is None:
+        why = "--short-side none keeps the original resolution"
+    elif scale == 1:
+        why = f"the images' shorter side ({side} px) is already at most {cfg.short_side} px"
+    else:
+        why = f"shorter side {side} px -> {cfg.short_side} px"
+    smallest = math.ceil(InspectConfig().opening_diameter / scale)
+    return (f"scale {scale:.4g} ({why}); a defect narrower than about {smallest} px at full resolution "
+            f"is removed by the {InspectConfig().opening_diameter}-px opening")
 
 
 class _ImageCache:
-    """Decoded, downscaled training images as uint8, bounded by a byte budget (LRU)."""
+    """Decoded, scaled training images as uint8, bounded by a byte budget (LRU)."""
 
-    def __init__(self, urls: list[str], cfg: PrepareConfig, budget: int):
-        self.urls, self.cfg, self.budget = urls, cfg, budget
+    def __init__(self, urls: list[str], cfg: PrepareConfig, scale: float, budget: int):
+        self.urls, self.cfg, self.scale, self.budget = urls, cfg, scale, budget
         self.items: OrderedDict[int, np.ndarray] = OrderedDict()
         self.size = 0
-        self.source_size: list[int] | None = None   # (H, W) of the first image, before downscaling
 
     def get(self, i: int) -> np.ndarray:
         if i in self.items:
             self.items.move_to_end(i)
             return self.items[i]
         img = read_image(self.urls[i], self.cfg.channels)
-        self.source_size = self.source_size or [int(img.shape[0]), int(img.shape[1])]
-        img = to_uint8(resize_image(img, self.cfg.resize))
+        shape = scaled_shape(img.shape[0], img.shape[1], self.scale)
+        img = to_uint8(img if shape == img.shape[:2] else resize_image(img, shape))
         img = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)
         p = self.cfg.patch
         if img.shape[1] < p or img.shape[2] < p:
-            raise ValueError(f"{self.urls[i]}: image is {img.shape[2]}x{img.shape[1]}, "
-                             f"smaller than a {p}-px patch")
+            raise ValueError(f"{self.urls[i]}: image is {img.shape[2]}x{img.shape[1]} after scaling by "
+                             f"{self.scale:.4g}, smaller than a {p}-px patch (use a larger --short-side)")
         self.items[i] = img
         self.size += img.nbytes
         while self.size > self.budget and len(self.items) > 1:
@@ -56,11 +95,12 @@ def prepare(dataset: str, out: str, cfg: PrepareConfig = PrepareConfig(),
             progress: Callable[[int], None] | None = None, cache_bytes: int = 1 << 30) -> dict:
     """Crop ``cfg.patches`` random patches from the training images of ``dataset`` into ``out``."""
     urls = train_images(dataset)
+    scale, smallest = choose_scale(urls, cfg, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     n, p, c = cfg.patches, cfg.patch, cfg.channels
     which = rng.integers(0, len(urls), size=n)
     where = rng.random((n, 2))
-    cache = _ImageCache(urls, cfg, cache_bytes)
+    cache = _ImageCache(urls, cfg, scale, cache_bytes)
     if storage.exists(out):
         storage.remove(out, recursive=True)
     arr = zarr.create_array(store=_store(out), shape=(n, c, p, p), chunks=(cfg.chunk, c, p, p), dtype="uint8",
@@ -79,9 +119,9 @@ def prepare(dataset: str, out: str, cfg: PrepareConfig = PrepareConfig(),
         digest.update(block.tobytes())
         if progress:
             progress(stop - start)
-    attrs = {"complete": True, "source": dataset, "resize": cfg.resize, "seed": cfg.seed, "patches": n,
-             "channels": c, "patch": p, "images": len(urls), "fingerprint": digest.hexdigest()[:16],
-             "source_size": cache.source_size}
+    attrs = {"complete": True, "source": dataset, "scale": scale, "short_side": cfg.short_side,
+             "min_short_side": smallest, "seed": cfg.seed, "patches": n, "channels": c, "patch": p,
+             "images": len(urls), "fingerprint": digest.hexdigest()[:16]}
     arr.attrs.update(attrs)
     return attrs
 

@@ -1,43 +1,51 @@
-"""Threshold selection on defect-free validation images only (never on the test defects)."""
+"""Threshold selection on defect-free validation images only (never on the test defects).
+
+Calibration also fixes how the residual becomes the score (``ScoreConfig``): the paper's residual
+as is, or smoothed and/or normalised by position statistics learned here, from the same images.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Callable
 
-from ray_inspect.config import InspectConfig
-from ray_inspect.core.segmentation import threshold_for_fpr, threshold_for_min_area
-from ray_inspect.io.artifact import load_model, write_card
+import numpy as np
+
+from ray_inspect.config import InspectConfig, ScoreConfig
+from ray_inspect.core.scoring import PositionStats, Scorer
+from ray_inspect.core.segmentation import open_residual, threshold_for_fpr, threshold_for_min_area
+from ray_inspect.io.artifact import load_model, save_normaliser, score_range, write_card
 from ray_inspect.io.datasets import Sample, defect_free
 from ray_inspect.records import InputError
 from ray_inspect.steps.inspector import Inspector
 
 
-def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: float | None = None,
+def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: float | None = None,  # noqa: PLR0913 - the rule, the score and the settings are the call's meaning
               cfg: InspectConfig = InspectConfig(), progress: Callable[[str], None] | None = None,
-              write: bool = True) -> dict:
-    """Set the model card's threshold by MVTec AD's minimum-area rule or a target pixel FPR."""
+              write: bool = True, score: ScoreConfig = ScoreConfig()) -> dict:
+    """Set the model card's score and threshold, by MVTec AD's minimum-area rule or a target pixel FPR."""
     if (min_area is None) == (fpr is None):
         raise ValueError("give exactly one of --min-area or --fpr")
     model = load_model(model_url)
-    card = model.card
+    card = replace(model.card, score=replace(score, normalise="none"), normaliser="", normaliser_sha256="")
     inspector = Inspector(model, card, cfg, threshold=None)
     urls = defect_free(images)
     if not urls:
         raise FileNotFoundError(f"{images}: no defect-free validation images found")
-    opened, errors = [], []
+    maps, errors = [], []
     for url in urls:
         try:
             img, _ = inspector.load(Sample(url, url))
         except InputError as exc:
             errors.append(str(exc))
             continue
-        res = inspector.inspect(img, url)
-        opened.append(res.opened)
+        maps.append(inspector.inspect(img, url, keep_opened=score.normalise == "none"))
         if progress:
             progress(url)
-    if not opened:
+    if not maps:
         raise ValueError(f"{images}: none of the validation images could be read")
+    stats = PositionStats.fit([m.residual for m in maps]) if score.normalise == "position" else None
+    opened = [m.opened for m in maps] if stats is None else _normalised(maps, score, stats, cfg)
     if min_area is not None:
         t = threshold_for_min_area(opened, min_area)
         rule = {"rule": "min_area", "min_area": min_area}
@@ -45,6 +53,22 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
         t = threshold_for_fpr(opened, fpr)  # the FPR of the masks the scan will write (opened > t)
         rule = {"rule": "fpr", "fpr": fpr}
     rule.update({"images": len(opened), "source": images, "stride": cfg.stride, "precision": cfg.precision})
+    card = replace(card, score=score, threshold=t, threshold_rule=rule,
+                   score_range=Scorer(score, stats).score_range(score_range(card.model.loss)))
     if write:
-        write_card(model_url, replace(card, threshold=t, threshold_rule=rule))
-    return {"threshold": t, **rule, "errors": errors}
+        if stats is not None:
+            name, sha = save_normaliser(model_url, stats)
+            card = replace(card, normaliser=name, normaliser_sha256=sha)
+        write_card(model_url, card)
+    return {"threshold": t, **rule, "errors": errors,
+            "score": {"smooth_sigma": score.smooth_sigma, "normalise": score.normalise}}
+
+
+def _normalised(maps: list, score: ScoreConfig, stats: PositionStats, cfg: InspectConfig) -> list[np.ndarray]:
+    """The opened, normalised score of each (already smoothed) validation map, as the scan computes it."""
+    normalise = Scorer(replace(score, smooth_sigma=0.0), stats)
+    out = []
+    for m in maps:
+        h = m.residual.shape[0]
+        out.append(open_residual(normalise(m.residual, (0, h), m.residual.shape), cfg.opening_diameter))
+    return out

@@ -1,7 +1,7 @@
 """Scan one image into OUT: read it, run the method band by band, write its outputs, record last.
 
 Outputs of an image whose output stem is S (its path below the source, without the extension):
-  masks/S.png          1-bit defect mask (when there is a threshold)
+  masks/S.png          1-bit defect mask at the image's stored size (when there is a threshold)
   residuals/S.tiff     float16 residual map at processing resolution, one TIFF strip per band
   stats/images/S.npz   its ground-truth statistics (labelled images only), see ``Evaluation``
   records/S.json       the record, written last: present with the scan's fingerprint and the
@@ -33,7 +33,7 @@ from skimage.measure import label
 
 from ray_inspect.config import MetricsConfig
 from ray_inspect.core.evaluation import Evaluation
-from ray_inspect.core.segmentation import RegionCounter
+from ray_inspect.core.segmentation import RegionCounter, upscale_mask_rows
 from ray_inspect.io import storage
 from ray_inspect.io.datasets import Sample
 from ray_inspect.io.images import fetch, peek_shape
@@ -61,7 +61,9 @@ def output_urls(out: str, stem: str) -> dict[str, str]:
 class _Accumulator:
     """What one image's bands add up to: packed mask rows, score, regions, statistics, timings."""
 
-    def __init__(self, inspector: Inspector, gt: np.ndarray | None, metrics_cfg: MetricsConfig):
+    def __init__(self, inspector: Inspector, img: LoadedImage, metrics_cfg: MetricsConfig):
+        gt = img.gt
+        self.shape, self.source_shape = img.pixels.shape[:2], img.source_shape
         self.packed: list[np.ndarray] = []
         self.regions = RegionCounter()
         self.score = self.score_opened = -np.inf
@@ -78,9 +80,10 @@ class _Accumulator:
         r0, r1 = band.rows
         self.score = max(self.score, float(band.residual.max()))
         if band.mask is not None:
-            self.packed.append(np.packbits(band.mask, axis=1))
-            self.flagged += int(band.mask.sum())
-            self.regions.add(band.mask)
+            mask = upscale_mask_rows(band.mask, band.rows, self.shape, self.source_shape)
+            self.packed.append(np.packbits(mask, axis=1))
+            self.flagged += int(mask.sum())
+            self.regions.add(mask)
         if self.evaluation is not None:
             self.score_opened = max(self.score_opened, float(band.opened.max()))
             self.evaluation.add_rows(band.residual, band.opened, self.gt[r0:r1], self.labels[r0:r1],
@@ -150,7 +153,7 @@ def _trim_heap() -> None:
 def _scan(inspector: Inspector, sample: Sample, img: LoadedImage, stem: str, target: ScanTarget,
           compute_slots, t_read: float) -> tuple[ImageRecord, bytes | None]:
     h, w = img.pixels.shape[:2]
-    acc = _Accumulator(inspector, img.gt, target.metrics_cfg)
+    acc = _Accumulator(inspector, img, target.metrics_cfg)
     bands = inspector.bands(img.pixels, sample.key, keep_opened=img.gt is not None)
     urls = output_urls(target.out, stem)
     with _ResidualFile(h * w * 2 > SPOOL_BYTES) as residual:
@@ -160,7 +163,7 @@ def _scan(inspector: Inspector, sample: Sample, img: LoadedImage, stem: str, tar
         t1 = time.perf_counter()
         written = 0
         if acc.packed:
-            mask = _encode_mask(acc.packed, h, w)
+            mask = _encode_mask(acc.packed, *acc.source_shape)
             storage.write_bytes(urls["mask"], mask)
             written += len(mask)
         written += residual.upload(urls["residual"])

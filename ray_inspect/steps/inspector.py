@@ -19,6 +19,7 @@ from torch import nn
 
 from ray_inspect.config import InspectConfig, SSIMConfig
 from ray_inspect.core.inference import Reconstructor, prepare_model, to_chw
+from ray_inspect.core.scoring import PositionStats, Scorer
 from ray_inspect.core.segmentation import open_residual, segment
 from ray_inspect.core.tiling import Band, plan_bands
 from ray_inspect.io.artifact import ModelCard
@@ -39,7 +40,8 @@ class BandResult:
     """Rows [start, stop) of an image's maps."""
 
     rows: tuple[int, int]
-    residual: np.ndarray             # (n, W) float32
+    residual: np.ndarray             # (n, W) float32: the score map (the residual unless the card
+                                     # smooths or normalises it)
     opened: np.ndarray | None        # grey opening of the residual (when evaluating)
     mask: np.ndarray | None          # opened > threshold (None without a threshold)
     tiles: int
@@ -75,22 +77,29 @@ class ImageResult:
 
 @dataclass
 class LoadedImage:
-    """An image at processing resolution in its own pixel type, its ground truth, and bytes read."""
+    """An image at processing resolution in its own pixel type, its ground truth, bytes read and
+    the (H, W) it has as stored (masks are written at that size)."""
 
     pixels: np.ndarray
     gt: np.ndarray | None
     nbytes: int
+    source_shape: tuple[int, int]
 
 
 class Inspector:
-    """A loaded model with its card and inspection settings; ``bands`` runs the per-image step."""
+    """A loaded model with its card and inspection settings; ``bands`` runs the per-image step.
 
-    def __init__(self, model: nn.Module, card: ModelCard, cfg: InspectConfig = InspectConfig(),
-                 threshold: float | None = None, device: str | torch.device = "cpu"):
+    ``stats``: the position statistics of a card that normalises (``load_model`` reads them as
+    ``model.normaliser``)."""
+
+    def __init__(self, model: nn.Module, card: ModelCard, cfg: InspectConfig = InspectConfig(),  # noqa: PLR0913 - model, its card and statistics, settings, threshold, device
+                 threshold: float | None = None, device: str | torch.device = "cpu",
+                 stats: PositionStats | None = None):
         self.card, self.cfg = card, cfg
         self.threshold = card.threshold if threshold is None else threshold
         self.model = prepare_model(model, cfg.precision, device)
         self.reconstructor = Reconstructor(self.model, card.model, cfg)
+        self.scorer = Scorer(card.score, stats)
 
     def read(self, sample: Sample, data: bytes | None = None) -> LoadedImage:
         """Read an image (from ``data`` when its bytes are at hand) and its ground truth, and scale
@@ -103,14 +112,15 @@ class Inspector:
             gt = read_mask(sample.mask_url, raw.shape[:2])
             if not gt.any():
                 raise InputError(sample.mask_url, "mask of a defective image is empty", FailureKind.MASK)
-        shape = self.card.processing_shape(*raw.shape[:2])
-        if shape != raw.shape[:2]:
+        source_shape = tuple(raw.shape[:2])
+        shape = self.card.processing_shape(*source_shape)
+        if shape != source_shape:
             raw = resize_image(to_float(raw, self.card.model.channels), shape)
             gt = None if gt is None else resize_mask(gt, shape)
         if min(raw.shape[:2]) <= SSIMConfig().window // 2:
             raise InputError(sample.url, f"image is {raw.shape[1]}x{raw.shape[0]}, too small to inspect",
                              FailureKind.SIZE)
-        return LoadedImage(raw, gt, nbytes)
+        return LoadedImage(raw, gt, nbytes, source_shape)
 
     def load(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
         """The image as float32 in [0, 1] at processing resolution, and its ground truth."""
@@ -147,7 +157,8 @@ class Inspector:
             return
         grid = rec.grid(h, w)
         d = self.cfg.opening_diameter
-        for band in plan_bands(grid, h, band_rows, d, SSIMConfig().window // 2, self.cfg.batch_size):
+        margin = d + self.scorer.halo
+        for band in plan_bands(grid, h, band_rows, margin, SSIMConfig().window // 2, self.cfg.batch_size):
             t0 = time.perf_counter()
             i0, i1 = band.input_rows
             x = to_chw(to_float(pixels[i0:i1], channels))
@@ -159,11 +170,11 @@ class Inspector:
     def _finish(self, band: Band, x: torch.Tensor, recon: torch.Tensor, nll: torch.Tensor | None,
                 keep_opened: bool, tiles: int, t0: float) -> BandResult:
         """Residual of the band's reconstructed rows (``x`` and ``recon`` hold ``band.recon_rows``),
-        then the opening and the mask of its output rows."""
+        its score, then the opening and the mask of its output rows."""
         t1 = time.perf_counter()
         residual = self.reconstructor.residual(x, recon, nll).cpu().numpy()
         (r0, r1), c0 = band.residual_rows, band.recon_rows[0]
-        residual = residual[r0 - c0 : r1 - c0]
+        residual = self.scorer(residual[r0 - c0 : r1 - c0], (r0, r1), (band.image_rows, residual.shape[-1]))
         t2 = time.perf_counter()
         d = self.cfg.opening_diameter
         opened = open_residual(residual, d) if keep_opened else None

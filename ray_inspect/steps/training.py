@@ -26,12 +26,13 @@ class PatchBatches:
 
     Each epoch permutes the chunks (seeded by seed and epoch), deals them round-robin to the
     ``world`` ranks, and shuffles patches inside a window of ``window`` chunks, so memory stays at
-    a few chunks whatever N is.
+    a few chunks whatever N is. ``augment`` ("flips", "dihedral") transforms each patch at random.
     """
 
-    def __init__(self, array, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1, window: int = 4):
+    def __init__(self, array, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,  # noqa: PLR0913 - the array, its shard and how it is read
+                 window: int = 4, augment: str = "none"):
         self.array, self.batch_size, self.seed = array, batch_size, seed
-        self.rank, self.world, self.window = rank, world, window
+        self.rank, self.world, self.window, self.augment = rank, world, window, augment
         self.chunk = array.chunks[0]
         self.n_chunks = -(-array.shape[0] // self.chunk)
 
@@ -54,8 +55,30 @@ class PatchBatches:
             last = w + self.window >= len(mine)
             stop = len(pool) if last else full
             for s in range(0, stop, self.batch_size):
-                yield torch.from_numpy(pool[s : s + self.batch_size].astype(np.float32) / 255.0)
+                batch = augment(pool[s : s + self.batch_size], self.augment, rng)
+                yield torch.from_numpy(batch.astype(np.float32) / 255.0)
             carry = pool[stop:]
+
+
+def augment(batch: np.ndarray, how: str, rng: np.random.Generator) -> np.ndarray:
+    """Each (C, H, W) patch of ``batch`` flipped (and for "dihedral" turned by 90-degree steps) at
+    random: the 4 or 8 symmetries a texture's statistics do not change under."""
+    if how == "none":
+        return batch
+    n = len(batch)
+    out = np.where(rng.random(n)[:, None, None, None] < 0.5, batch[..., ::-1], batch)      # horizontal
+    out = np.where(rng.random(n)[:, None, None, None] < 0.5, out[..., ::-1, :], out)         # vertical
+    if how == "dihedral":
+        out = np.where(rng.random(n)[:, None, None, None] < 0.5, out.swapaxes(-1, -2), out)   # transpose
+    return np.ascontiguousarray(out)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
+    """Set the schedule's rate for ``epoch``; it depends on the epoch alone, so a resumed run matches."""
+    lr = cfg.lr_at(epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, loss_fn: LossFn,
@@ -100,9 +123,11 @@ def make_card(model_cfg: ModelConfig, train_cfg: TrainConfig, patches_url: str, 
               history: list[dict]) -> ModelCard:
     return ModelCard(
         model=model_cfg, resize=attrs.get("resize"), source_size=attrs.get("source_size"),
+        scale=attrs.get("scale"),
         score_range=score_range(model_cfg.loss),
         training={**asdict(train_cfg), "final_loss": history[-1]["loss"] if history else None,
                   "epochs_run": len(history)},
         patches={"url": patches_url, "fingerprint": attrs.get("fingerprint"), "count": attrs.get("patches"),
-                 "source": attrs.get("source"), "seed": attrs.get("seed")},
+                 "source": attrs.get("source"), "seed": attrs.get("seed"),
+                 "min_short_side": attrs.get("min_short_side")},
     )

@@ -73,7 +73,7 @@ def test_synth_and_prepare_on_s3_match_local(s3, tmp_path):
     from ray_inspect.io.synth import generate
 
     synth = SynthConfig(size=128, train=3, test_defective=4, test_good=1, validation=1)
-    prep = PrepareConfig(patches=40, resize=None, chunk=16)
+    prep = PrepareConfig(patches=40, short_side=None, chunk=16)
     local_data, remote_data = str(tmp_path / "data"), s3.url("data")
     generate(local_data, synth)
     generate(remote_data, synth)

@@ -123,3 +123,16 @@ def test_region_counter_matches_labelling_the_whole_mask():
         for s in range(0, len(m), step):
             counter.add(m[s : s + step])
         assert counter.count == label(m, connectivity=2).max(), trial
+
+
+@pytest.mark.parametrize("shape,source", [((40, 64), (81, 131)), ((50, 50), (50, 50)), ((30, 20), (61, 39))])
+def test_masks_upscale_band_by_band_as_skimage_nearest_resizes_the_whole(shape, source):
+    from skimage.transform import resize
+
+    from ray_inspect.core.segmentation import upscale_mask_rows
+
+    mask = np.random.default_rng(5).random(shape) > 0.7
+    ref = resize(mask, source, order=0, anti_aliasing=False, preserve_range=True) > 0
+    bands = [(0, 7), (7, 8), (8, 23), (23, shape[0])]
+    out = np.concatenate([upscale_mask_rows(mask[a:b], (a, b), shape, source) for a, b in bands])
+    np.testing.assert_array_equal(out, ref)

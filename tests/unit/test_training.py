@@ -20,7 +20,7 @@ from ray_inspect.steps.training import PatchBatches, build, train_epoch
 def test_prepare_layout_attributes_and_crops(dataset, patches, tmp_path):
     arr = open_patches(patches)
     assert arr.shape == (300, 1, 128, 128) and arr.dtype == np.uint8 and arr.chunks[0] == 64
-    assert arr.attrs["complete"] and arr.attrs["resize"] is None and arr.attrs["seed"] == 1
+    assert arr.attrs["complete"] and arr.attrs["scale"] == 1.0 and arr.attrs["seed"] == 1
     assert arr.attrs["source"] == dataset and len(arr.attrs["fingerprint"]) == 16
     # every patch is a real crop of some training image
     from ray_inspect.io.datasets import train_images
@@ -31,7 +31,7 @@ def test_prepare_layout_attributes_and_crops(dataset, patches, tmp_path):
             for im in imgs]
     assert any(len(h) for h in hits)
     again = str(tmp_path / "again.zarr")
-    prepare(dataset, again, PrepareConfig(patches=300, resize=None, chunk=64, seed=1))
+    prepare(dataset, again, PrepareConfig(patches=300, short_side=None, chunk=64, seed=1))
     assert open_patches(again).attrs["fingerprint"] == arr.attrs["fingerprint"]
 
 
@@ -143,3 +143,67 @@ def test_bfloat16_training_only_where_the_cpu_runs_it_natively(patches, monkeypa
     batches = [b for _, b in zip(range(2), data.epoch(0), strict=False)]
     stats = train_epoch(model, opt, batches, loss_fn, "bfloat16")
     assert used == [expected, expected] and stats["patches"] == 64
+
+
+def test_cosine_schedule_decays_from_lr_to_its_floor_and_depends_on_the_epoch_only():
+    import math
+
+    cfg = TrainConfig(epochs=9, lr=1e-3, lr_schedule="cosine", lr_floor=0.05)
+    lrs = [cfg.lr_at(e) for e in range(9)]
+    naive = [5e-5 + 0.5 * (1e-3 - 5e-5) * (1 + math.cos(math.pi * e / 8)) for e in range(9)]
+    np.testing.assert_allclose(lrs, naive, rtol=1e-12)
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(5e-5)
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert TrainConfig(lr=3e-4).lr_at(7) == 3e-4                     # the paper's constant rate
+    model, opt, _ = build(ModelConfig(), TrainConfig(precision="float32"))
+    from ray_inspect.steps.training import set_lr
+
+    assert set_lr(opt, cfg, 4) == lrs[4] and all(g["lr"] == lrs[4] for g in opt.param_groups)
+    with pytest.raises(ValueError, match="lr schedule"):
+        TrainConfig(lr_schedule="step")
+
+
+@pytest.mark.parametrize("how,count", [("flips", 4), ("dihedral", 8)])
+def test_augmentation_applies_one_symmetry_per_patch(how, count):
+    from ray_inspect.steps.training import augment
+
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (400, 1, 8, 8), dtype=np.uint8)
+
+    def symmetries(p):
+        out = []
+        for t in (p, p.swapaxes(-1, -2)):
+            out += [t, t[..., ::-1], t[..., ::-1, :], t[..., ::-1, ::-1]]
+        return [bytes(np.ascontiguousarray(o)) for o in out[:count]]
+
+    out = augment(batch, how, np.random.default_rng(1))
+    # .index raises where an output patch is not a symmetry of its input
+    used = [symmetries(p).index(bytes(o)) for p, o in zip(batch, out, strict=True)]
+    counts = np.bincount(used, minlength=count)
+    assert len(counts) == count and counts.min() > 400 / count / 2     # every symmetry occurs
+    assert augment(batch, "none", rng) is batch
+
+
+def test_scale_is_chosen_from_the_smallest_shorter_side_and_keeps_the_aspect_ratio(tmp_path):
+    from PIL import Image
+
+    from ray_inspect.io.patches import choose_scale, scale_reason
+
+    good = tmp_path / "ds" / "train" / "good"
+    good.mkdir(parents=True)
+    sizes = [(300, 500), (310, 520), (400, 320), (320, 900), (600, 600)]   # (H, W)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8)).save(good / f"{i}.png")
+    smallest = min(min(s) for s in sizes)                                  # 300
+    scale, side = choose_scale(sorted(str(p) for p in good.iterdir()), PrepareConfig(short_side=150))
+    assert side == smallest and scale == pytest.approx(150 / smallest)
+    assert choose_scale([str(good / "0.png")], PrepareConfig(short_side=512))[0] == 1.0   # never enlarged
+    assert choose_scale([str(good / "0.png")], PrepareConfig(scale=0.3))[0] == 0.3
+    attrs = prepare(str(tmp_path / "ds"), str(tmp_path / "p.zarr"), PrepareConfig(patches=20, short_side=150,
+                                                                                   chunk=8))
+    assert attrs["scale"] == pytest.approx(0.5) and attrs["min_short_side"] == 300
+    assert "scale 0.5" in scale_reason(attrs, PrepareConfig(short_side=150))
+    assert "8 px" in scale_reason(attrs, PrepareConfig(short_side=150))    # 4-px opening at half scale
+    with pytest.raises(ValueError, match="short side"):
+        PrepareConfig(short_side=100)

@@ -1,0 +1,95 @@
+"""Residual -> score: smoothing and position statistics against scipy, OpenCV and numpy."""
+
+import cv2
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+
+from ray_inspect.config import Z_MAX, InspectConfig, ModelConfig, ScoreConfig
+from ray_inspect.core.model import build_model
+from ray_inspect.core.scoring import PositionStats, Scorer, resample_rows, smooth, smoothing_radius
+from ray_inspect.io.artifact import ModelCard
+from ray_inspect.steps.inspector import Inspector
+
+
+@pytest.mark.parametrize("shape,sigma", [((60, 90), 1.0), ((41, 33), 2.5), ((200, 150), 4.0), ((5, 9), 4.0)])
+def test_smoothing_is_scipys_gaussian_with_mirrored_borders(shape, sigma):
+    r = np.random.default_rng(0).random(shape).astype(np.float32)
+    ref = ndi.gaussian_filter(r.astype(np.float64), sigma, mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(smooth(r, sigma), ref, atol=1e-6)
+    assert smoothing_radius(sigma) == int(4 * sigma + 0.5)
+    assert smooth(r, 0.0) is r                     # the paper's residual passes untouched
+
+
+@pytest.mark.parametrize("src,dst,rows", [((20, 30), (47, 61), (0, 47)), ((20, 30), (47, 61), (11, 29)),
+                                          ((64, 64), (13, 9), (0, 13)), ((8, 8), (8, 8), (2, 5))])
+def test_resampled_rows_equal_opencvs_bilinear_resize(src, dst, rows):
+    g = np.random.default_rng(1).random(src).astype(np.float32)
+    ref = cv2.resize(g, (dst[1], dst[0]), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(resample_rows(g, dst, rows), ref[rows[0] : rows[1]], atol=1e-6)
+
+
+def test_position_statistics_are_the_per_pixel_mean_and_floored_std():
+    rng = np.random.default_rng(2)
+    maps = [rng.gamma(2.0, 0.05, (30, 40)).astype(np.float32) for _ in range(12)]
+    maps[0][5, 5] = maps[1][5, 5] = 0.3                       # vary one position strongly
+    for m in maps[2:]:
+        m[7, 9] = 0.1                                          # and keep another constant
+    stats = PositionStats.fit(maps)
+    stack = np.stack(maps).astype(np.float64)
+    np.testing.assert_allclose(stats.mean, stack.mean(0), rtol=1e-5)
+    std = stack.std(0)
+    floor = 0.1 * np.median(std)
+    np.testing.assert_allclose(stats.std, np.maximum(std, floor), rtol=1e-4)
+    assert stats.std[7, 9] == pytest.approx(max(std[7, 9], floor), rel=1e-4)
+    # maps of another size are resampled onto the first map's grid
+    mixed = PositionStats.fit([maps[0], cv2.resize(maps[1], (80, 60), interpolation=cv2.INTER_LINEAR)])
+    assert mixed.mean.shape == (30, 40)
+
+
+def test_normalised_score_is_the_clipped_z_score():
+    rng = np.random.default_rng(3)
+    stats = PositionStats(rng.random((20, 30)).astype(np.float32),
+                          (0.05 + rng.random((20, 30))).astype(np.float32))
+    r = rng.random((20, 30)).astype(np.float32) * 3
+    z = Scorer(ScoreConfig(normalise="position"), stats)(r, (0, 20), (20, 30))
+    np.testing.assert_allclose(z, np.clip((r - stats.mean) / stats.std, 0, Z_MAX), rtol=1e-6)
+    assert Scorer(ScoreConfig(normalise="position"), stats).score_range((0.0, 2.0)) == (0.0, Z_MAX)
+    with pytest.raises(ValueError, match="statistics"):
+        Scorer(ScoreConfig(normalise="position"))
+
+
+@pytest.mark.parametrize("sigma,normalise", [(4.0, "none"), (2.0, "position"), (0.0, "position")])
+def test_bands_equal_the_whole_image_with_smoothing_and_normalisation(sigma, normalise):
+    rng = np.random.default_rng(4)
+    h, w = 420, 333
+    img = (rng.random((h, w)) * 255).astype(np.uint8)
+    stats = PositionStats(rng.random((50, 40)).astype(np.float32) * 0.5,
+                          0.05 + rng.random((50, 40)).astype(np.float32))
+    cfg = ModelConfig()
+
+    def inspector(region):
+        torch.manual_seed(0)
+        card = ModelCard(model=cfg, resize=None, threshold=0.5 if normalise == "none" else 1.0,
+                         score=ScoreConfig(sigma, normalise))
+        return Inspector(build_model(cfg), card, InspectConfig(precision="float32", region_pixels=region),
+                         stats=stats if normalise == "position" else None)
+
+    whole = inspector(1 << 30).inspect(img, "k")
+    banded_insp = inspector(30_000)
+    assert len(list(banded_insp.bands(img, "k"))) > 3
+    banded = banded_insp.inspect(img, "k")
+    np.testing.assert_array_equal(banded.residual, whole.residual)
+    np.testing.assert_array_equal(banded.mask, whole.mask)
+    torch.manual_seed(0)
+    plain = Inspector(build_model(cfg), ModelCard(model=cfg, resize=None), InspectConfig(precision="float32"))
+    residual = plain.inspect(img, "k").residual
+    expected = residual
+    if sigma:
+        expected = ndi.gaussian_filter(residual.astype(np.float64), sigma, mode="reflect", truncate=4.0)
+    if normalise == "position":
+        mean = cv2.resize(stats.mean, (w, h), interpolation=cv2.INTER_LINEAR)
+        std = cv2.resize(stats.std, (w, h), interpolation=cv2.INTER_LINEAR)
+        expected = np.clip((expected - mean) / std, 0, Z_MAX)
+    np.testing.assert_allclose(whole.residual, expected, atol=2e-5)
