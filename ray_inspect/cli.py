@@ -86,12 +86,18 @@ def _emit(data: dict, as_json: bool, text: str) -> None:
 @click.option("--log-format", envvar="RAY_INSPECT_LOG_FORMAT", type=click.Choice(["text", "json"]),
               default="text", show_default=True,
               help="json: one JSON object per log line, with run id and image key.")
+@click.option("--verbose", "-v", is_flag=True, envvar="RAY_INSPECT_VERBOSE",
+              help="Also show Ray's own log lines (workers, controller, checkpoints).")
 @click.pass_context
-def main(ctx: click.Context, s3_endpoint: str | None, metrics_port: int, metrics_bind: str,
-         pushgateway: str | None, log_format: str) -> None:
+def main(ctx: click.Context, s3_endpoint: str | None, metrics_port: int, metrics_bind: str,  # noqa: PLR0913 - one argument per click option
+         pushgateway: str | None, log_format: str, verbose: bool) -> None:
     """Unsupervised defect segmentation of industrial images (SSIM autoencoder, Bergmann et al. 2019)."""
     from ray_inspect.telemetry import configure
 
+    if verbose:   # Ray is imported only by the commands that use it; quiet is its default here
+        from ray_inspect.distributed.cluster import set_verbose
+
+        set_verbose(True)
     if s3_endpoint:
         os.environ[ENDPOINT_ENV] = s3_endpoint  # read by storage and passed on to Ray workers
     ctx.ensure_object(dict)["telemetry"] = configure(metrics_port, metrics_bind, pushgateway, log_format)
@@ -198,20 +204,36 @@ def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, pr
     run = RunConfig(workers=workers, use_gpu=use_gpu, storage=storage, run_name=run_name,
                     checkpoint_every=checkpoint_every, max_failures=max_failures, address=address)
     tel = click.get_current_context().obj["telemetry"]
-    hooks = TrainHooks(on_epoch=_EpochLines(tel, epochs), telemetry=tel.train())
+    lines = _EpochLines(tel, epochs)
+    hooks = TrainHooks(on_epoch=lines, telemetry=tel.train(), on_step=lines.step)
     card = fit(patches, model, mcfg, tcfg, run, alexnet_weights, hooks)
     _emit({"model": model, "card": json.loads(card.to_json())}, as_json,
           f"{model}: {loss} model, final loss {card.training['final_loss']:.5f}")
 
 
 class _EpochLines:
-    """The progress line of every epoch, and one when the run resumed from a checkpoint."""
+    """The progress line of every epoch, one when the run resumed from a checkpoint, and within an
+    epoch a progress line (patches, patches/s, loss, ETA)."""
 
     def __init__(self, tel, epochs: int):
         self.tel, self.epochs = tel, epochs
         self.resumed: set[int] = set()
+        self.line = None
+        self.epoch = 0
+
+    def step(self, s: dict) -> None:
+        from ray_inspect.telemetry.progress import ProgressLine
+
+        if self.line is None or s["epoch"] != self.epoch:
+            self.line = ProgressLine(f"epoch {s['epoch']}/{self.epochs}", "patches", self.tel.say,
+                                     json_logs=self.tel.cfg.log_format == "json")
+            self.epoch = s["epoch"]
+        self.line.update(s["patches"], s["of"], loss=f"{s['loss']:.5f}")
 
     def __call__(self, s: dict) -> None:
+        if self.line is not None:
+            self.line.interrupt()
+            self.line = None
         if s["resumed_from"] and s["resumed_from"] not in self.resumed:
             self.resumed.add(s["resumed_from"])
             self.tel.say(f"resumed from epoch {s['resumed_from']} (last checkpoint)",
@@ -271,22 +293,21 @@ def calibrate(model, images, min_area, fpr, smooth_sigma, normalise, stride, pre
                         f"{how})")
 
 
-class _Progress:
-    """A progress bar whose length is known only once the scan has listed its source."""
+class _ScanProgress:
+    """The scan's progress: images done, images/s, tiles/s, failures and ETA (telemetry.progress)."""
 
-    def __init__(self, label: str):
-        self.label, self.bar = label, None
+    def __init__(self, tel):
+        from ray_inspect.telemetry.progress import ProgressLine
 
-    def __call__(self, done: int, total: int, key: str, outcome: str) -> None:
-        """One more image ended (``outcome``: an ``Outcome``, ok, skipped or error)."""
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
-            self.bar.__enter__()
-        self.bar.update(1)
+        self.line = ProgressLine("scan", "images", tel.say, json_logs=tel.cfg.log_format == "json")
+
+    def __call__(self, p) -> None:
+        elapsed = max(self.line.elapsed(), 1e-9)
+        self.line.update(p.done, p.total, **{"tiles/s": round(p.tiles / elapsed), "failed": p.failed,
+                                             "resumed": p.skipped})
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+        self.line.close()
 
 
 @main.command()
@@ -331,20 +352,17 @@ def scan(ctx, model, source, out, stride, precision, batch_size, threshold, work
                           address=address)
     cfg = replace(_inspect_cfg(stride, precision, batch_size), region_pixels=region_pixels)
     tel = ctx.find_root().obj["telemetry"]
-    json_logs = tel.cfg.log_format == "json"
-    bar = None if json_logs else _Progress("scan")   # JSON logs: one record per bad input, no bar
+    bar = _ScanProgress(tel)
 
     def on_error(err: ScanError) -> None:
-        if bar is not None:
-            click.echo("", err=True)
+        bar.line.interrupt()
         tel.say(f"skipped {err.url}: {err.reason}", level=logging.WARNING, key=err.key, kind=err.kind)
 
     try:
         summary = run(model, source, out, cfg, threshold, options=options, telemetry=tel.scan(),
                       progress=bar, on_error=on_error)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     m = summary.get("metrics", {})
     rep = {**{k: m.get(k) for k in SUMMARY_KEYS}, "scan": summary}
     _emit(summary, as_json, summary_table(rep))

@@ -187,7 +187,7 @@ class RunConfig:
     storage: str | None = None        # run storage (local path or s3://); default ~/.cache/ray-inspect/runs
     run_name: str | None = None       # default: derived from the inputs, so a rerun resumes
     address: str | None = None        # Ray cluster to join; default RAY_ADDRESS or a local Ray
-    cpus_per_worker: int | None = None
+    cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the workers
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,19 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True)
+class ScanProgress:
+    """Where a scan stands after one more image ended: counts of the whole listing."""
+
+    done: int                  # images ended (scanned, skipped as complete, failed)
+    total: int
+    key: str                   # the image that just ended
+    outcome: Outcome
+    skipped: int = 0           # complete before this run (resumed)
+    failed: int = 0            # bad input or lost
+    tiles: int = 0             # windows run in this run
+
+
+@dataclass(frozen=True)
 class ScanError:
     """One line of ``errors.jsonl``: an image that was not scanned, and why."""
 

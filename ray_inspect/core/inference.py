@@ -52,20 +52,24 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
 def prepare_model(model: nn.Module, precision: str, device: torch.device | str = "cpu",
                   fuse: bool = True) -> nn.Module:
     """Eval mode on ``device``; channels-last for bfloat16, where oneDNN/cuDNN are fastest; on a
-    CPU with native bfloat16 (unless ``fuse`` is off), a copy whose convolution stacks run fused
-    (``_FusedConvStack``)."""
+    CPU with native bfloat16 (unless ``fuse`` is off), convolution stacks run fused
+    (``_FusedConvStack``). The caller's model stays as it was (mode, device, dtype, memory format):
+    whatever has to change is changed on a copy."""
+    device = torch.device(device)
+    moved = any(p.device != device for p in model.parameters())
+    if model.training or moved or precision == "bfloat16":
+        model = copy.deepcopy(model)
     model = model.eval().to(device)
     if precision != "bfloat16":
         return model
     model = model.to(memory_format=torch.channels_last)
-    device = torch.device(device)
     if not fuse or device.type != "cpu" or not bf16_supported(device) \
             or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         return model
     stacks = {name: m for name, m in model.named_children() if _FusedConvStack.fusable(m)}
     if not stacks:
         return model
-    fused = copy.copy(model)                  # the caller's model stays as it was
+    fused = copy.copy(model)
     fused._modules = dict(model._modules)
     for name, m in stacks.items():
         setattr(fused, name, _FusedConvStack(m))

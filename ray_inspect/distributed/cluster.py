@@ -1,8 +1,14 @@
 """Joining or starting Ray: ``--address``/``RAY_ADDRESS`` joins a cluster, otherwise a local Ray
-sized to this machine starts (token authentication stays on, as Ray 2.60 sets it)."""
+sized to this machine starts (token authentication stays on, as Ray 2.60 sets it).
+
+Quiet by default: Ray's own log lines (worker output, controller and checkpoint messages, start-up
+notices) stay in Ray's log files; the caller reports failures from the exceptions Ray raises.
+``set_verbose(True)`` (the CLI's ``--verbose``) streams them to the terminal again.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ray_inspect.io.storage import ENDPOINT_ENV
@@ -10,6 +16,19 @@ from ray_inspect.io.storage import ENDPOINT_ENV
 # Environment that workers on this machine must see (never credentials in configs or logs: the
 # AWS_* variables reach workers through the environment the local Ray inherits at start-up).
 FORWARDED_ENV = (ENDPOINT_ENV,)
+_verbose = False
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show Ray's own log lines (worker output included) on this process's terminal."""
+    global _verbose
+    _verbose = verbose
+    _quiet_ray_loggers(not verbose)
+
+
+def _quiet_ray_loggers(quiet: bool) -> None:
+    for name in ("ray", "ray.train", "ray.tune", "ray.data", "ray.util"):
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.NOTSET)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
@@ -20,9 +39,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
         address = address or os.environ.get("RAY_ADDRESS")
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         kwargs = {"runtime_env": {"env_vars": env}} if env else {}
+        quiet = {"log_to_driver": _verbose, "logging_level": logging.INFO if _verbose else logging.ERROR}
+        _quiet_ray_loggers(not _verbose)
         if address:
-            ray.init(address=address, log_to_driver=True, **kwargs)
+            ray.init(address=address, **quiet, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                     **kwargs)
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet, **kwargs)
+        _quiet_ray_loggers(not _verbose)   # ray.init configures its loggers anew
     return ray.cluster_resources()

@@ -19,7 +19,7 @@ import json
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,21 +30,21 @@ from ray_inspect.core.evaluation import Evaluation
 from ray_inspect.io import storage
 from ray_inspect.io.artifact import ModelCard, read_card
 from ray_inspect.io.datasets import Sample, list_samples
-from ray_inspect.records import FailureKind, ImageRecord, InputError, Outcome, ScanError
+from ray_inspect.records import FailureKind, ImageRecord, InputError, Outcome, ScanError, ScanProgress
 from ray_inspect.steps.imagescan import ScanTarget, output_stems, output_urls, scan_image
 from ray_inspect.telemetry import NULL_SCAN, ScanRecorder
 
 EXIT_OK, EXIT_PARTIAL = 0, 3
 SCAN_FORMAT = 2          # bump when outputs of the same settings change
 
-Progress = Callable[[int, int, str, Outcome], None]
+Progress = Callable[[ScanProgress], None]
 
 
 class ScanHooks(TypedDict, total=False):
     """Who hears of a scan as it runs (keyword arguments of ``scan``, each optional)."""
 
     telemetry: ScanRecorder | None               # metrics and logs of the run (default: none)
-    progress: Progress | None                    # progress(done, total, key, outcome) after each image
+    progress: Progress | None                    # a ScanProgress after each image
     on_error: Callable[[ScanError], None] | None  # each image not scanned, as errors.jsonl records it
 
 
@@ -122,6 +122,7 @@ class _Ledger:
     stats: dict[int, bytes] = field(default_factory=dict)       # labelled, until their shard is written
     errors: list[ScanError] = field(default_factory=list)
     tiles: int = 0
+    counts: Counter = field(default_factory=Counter)           # outcome -> images
 
     def __post_init__(self):
         self.pending: dict[int, int] = {}                            # shard -> labelled images to go
@@ -134,6 +135,7 @@ class _Ledger:
         if index in self.status:
             return                                                  # counted once, whatever happens
         self.status[index] = status
+        self.counts[status] += 1
         self.tiles += tiles
         if self.samples[index].labelled:
             if stats is not None:
@@ -349,7 +351,11 @@ class _Run:
     def tell(self, item: _Item, outcome: Outcome) -> None:
         """Progress after ``item`` ended as ``outcome``."""
         if self.progress:
-            self.progress(len(self.ledger.status), len(self.items), item.sample.key, outcome)
+            counts = self.ledger.counts
+            self.progress(ScanProgress(
+                len(self.ledger.status), len(self.items), item.sample.key, outcome,
+                skipped=counts[Outcome.SKIPPED], failed=len(self.ledger.status) - counts[Outcome.OK]
+                - counts[Outcome.SKIPPED], tiles=self.ledger.tiles))
 
     def seconds(self) -> float:
         return round(time.time() - self.t_start, 3)
@@ -360,7 +366,7 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
          options: ScanOptions = ScanOptions(), **hooks: Unpack[ScanHooks]) -> dict:
     """Scan every image of ``source`` into ``out`` on Ray actors; returns the summary (also in
     manifest.json) with ``exit_code``. ``hooks`` (see ``ScanHooks``): ``telemetry`` records the run,
-    ``progress(done, total, key, outcome)`` follows each image, ``on_error`` gets each ScanError."""
+    ``progress(ScanProgress)`` follows each image, ``on_error`` gets each ScanError."""
     from ray_inspect.distributed.cluster import ensure_ray
 
     t_start = time.time()

@@ -16,7 +16,7 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -28,7 +28,7 @@ from ray_inspect.distributed.cluster import ensure_ray
 from ray_inspect.io import storage
 from ray_inspect.io.artifact import ModelCard, load_alexnet, save_model
 from ray_inspect.io.patches import open_patches
-from ray_inspect.steps.training import PatchBatches, build, make_card, set_lr, train_epoch
+from ray_inspect.steps.training import PatchBatches, build, check_layout, make_card, set_lr, train_epoch
 from ray_inspect.telemetry import NULL_TRAIN, TrainRecorder
 
 STATE = "state.pt"
@@ -44,11 +44,17 @@ class TrainHooks:
     ``on_epoch`` gets rank 0's statistics of every finished epoch (epoch, loss, patches, seconds,
     patches_per_s, workers, resumed_from, ranks_in_sync, param_digest, and checkpoint_seconds when it
     checkpointed); if it raises, training goes on and ``fit`` raises that exception at the end.
+    ``on_step`` gets rank 0's progress inside an epoch every few seconds: epoch, patches (all
+    ranks), of (patches per epoch), loss (mean so far).
     ``telemetry`` records the run for Prometheus (start, every epoch, outcome; failures count too).
     """
 
     on_epoch: EpochCallback | None = None
     telemetry: TrainRecorder | None = None
+    on_step: EpochCallback | None = None
+
+
+STEP_SECONDS = 2.0   # how often rank 0 reports progress inside an epoch (when someone listens)
 
 
 def default_run_name(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -76,23 +82,6 @@ def _storage_fs(url: str):
     return url.split("://", 1)[1].rstrip("/"), fs
 
 
-def _steps_per_epoch(batches: PatchBatches, epoch: int) -> int:
-    """Batches every rank runs this epoch: DDP needs the same count on all ranks."""
-    n = batches.array.shape[0]
-    counts = []
-    for r in range(batches.world):
-        shard = PatchBatches(batches.array, batches.batch_size, batches.seed, r, batches.world)
-        counts.append(sum(min(batches.chunk, n - c * batches.chunk) for c in shard.chunks_for(epoch)))
-    return max(1, -(-min(counts) // batches.batch_size))
-
-
-def _limited(it: Iterable, steps: int) -> Iterator:
-    for i, x in enumerate(it):
-        if i >= steps:
-            break
-        yield x
-
-
 # --------------------------------------------------------------------------------------------
 # In every Ray Train worker
 # --------------------------------------------------------------------------------------------
@@ -107,8 +96,8 @@ def train_loop(config: dict) -> None:
     model_cfg = from_dict(ModelConfig, config["model"])
     train_cfg = from_dict(TrainConfig, config["train"])
     device = ray.train.torch.get_device()
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
+    if config.get("cpus"):
+        torch.set_num_threads(max(1, round(config["cpus"])))
     model, opt, loss_fn = build(model_cfg, train_cfg, config.get("alexnet_weights"), device)
     start, state = _restore(model)
     ddp = ray.train.torch.prepare_model(model)
@@ -120,8 +109,9 @@ def train_loop(config: dict) -> None:
     for epoch in range(start, train_cfg.epochs):
         t0 = time.time()
         lr = set_lr(opt, train_cfg, epoch)
-        batches = _limited(data.epoch(epoch), _steps_per_epoch(data, epoch))
-        stats = train_epoch(ddp, opt, batches, loss_fn, train_cfg.precision, device)
+        batches = data.epoch(epoch)
+        on_batch = _step_reporter(config, epoch, world, len(data)) if rank == 0 else None
+        stats = train_epoch(ddp, opt, batches, loss_fn, train_cfg.precision, device, on_batch)
         totals, in_sync, digest = _all_ranks(stats, model, world)
         seconds = time.time() - t0
         metrics = {"epoch": epoch + 1, "loss": float(totals[0] / totals[1]), "patches": int(totals[1]),
@@ -133,6 +123,22 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics)
         if rank == 0 and config.get("progress") is not None:
             config["progress"].put(metrics)
+
+
+def _step_reporter(config: dict, epoch: int, world: int, n: int):
+    """Rank 0's progress inside an epoch, every ``step_seconds`` to the driver (None: nobody listens)."""
+    queue_, every = config.get("progress"), config.get("step_seconds")
+    if queue_ is None or not every:
+        return None
+    last = [time.monotonic()]
+
+    def report(patches: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            queue_.put({"kind": "step", "epoch": epoch + 1, "patches": min(n, patches * world), "of": n,
+                        "loss": loss})
+    return report
 
 
 def _restore(model: torch.nn.Module) -> tuple[int, dict | None]:
@@ -201,14 +207,27 @@ def fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: Tra
                "epochs": train_cfg.epochs, "workers": run.workers, "run_name": run.run_name or ""})
     if tel.enabled:
         on_epoch = _tee(tel.epoch, on_epoch)   # the recorder first: a failing callback does not blind it
+    if hooks.on_step is not None:
+        on_epoch = _route(on_epoch, hooks.on_step)
     try:
-        card = _fit(patches_url, model_url, model_cfg, train_cfg, run, alexnet_weights, on_epoch)
+        card = _fit(patches_url, model_url, model_cfg, train_cfg, run, alexnet_weights, on_epoch,
+                    steps=hooks.on_step is not None)
     except BaseException:
         tel.finish({}, ok=False)
         raise
     tel.finish({"run_name": card.training["run_name"], "final_loss": card.training.get("final_loss"),
                 "epochs_run": card.training["epochs_run"], "model_fingerprint": card.fingerprint}, ok=True)
     return card
+
+
+def _route(on_epoch: EpochCallback | None, on_step: EpochCallback) -> EpochCallback:
+    """One callback for the queue: progress inside an epoch to ``on_step``, epochs to ``on_epoch``."""
+    def route(stats: dict) -> None:
+        if stats.get("kind") == "step":
+            on_step(stats)
+        elif on_epoch is not None:
+            on_epoch(stats)
+    return route
 
 
 def _tee(*callbacks: EpochCallback | None) -> EpochCallback:
@@ -265,8 +284,8 @@ class _ProgressPump:
                             "end with this error", stats.get("epoch"), type(exc).__name__, exc)
 
 
-def _fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig,
-         alexnet_weights: str | None, on_epoch: EpochCallback | None) -> ModelCard:
+def _fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig,  # noqa: PLR0913 - the inputs, three configs and the progress channel
+         alexnet_weights: str | None, on_epoch: EpochCallback | None, steps: bool = False) -> ModelCard:
     from ray.exceptions import RayActorError
     from ray.util.queue import Queue
 
@@ -274,14 +293,15 @@ def _fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: Tr
     patches_url = storage.absolute(patches_url)
     alexnet_weights = alexnet_weights and storage.absolute(alexnet_weights)
     attrs = _checked_patches(patches_url, model_cfg, alexnet_weights)
+    check_layout(int(attrs["patches"]), run.workers, train_cfg.batch_size)   # one line here, not a gloo abort
     use_gpu, cpus = _placement(run)
     storage_url = run.storage or os.path.join(os.path.expanduser("~"), ".cache", "ray-inspect", "runs")
     name = run.run_name or default_run_name(patches_url, model_url, model_cfg, train_cfg,
                                             attrs.get("fingerprint"))
     pump = _ProgressPump(Queue(), on_epoch, gone=(RayActorError,)) if on_epoch else None
     config = {"model": asdict(model_cfg), "train": asdict(train_cfg), "patches": patches_url,
-              "alexnet_weights": alexnet_weights, "checkpoint_every": run.checkpoint_every, "threads": cpus,
-              "progress": pump.progress if pump else None}
+              "alexnet_weights": alexnet_weights, "checkpoint_every": run.checkpoint_every, "cpus": cpus,
+              "progress": pump.progress if pump else None, "step_seconds": STEP_SECONDS if steps else None}
     result = _run(_trainer(config, run, use_gpu, name, storage_url), pump)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
@@ -320,15 +340,22 @@ def _checked_patches(patches_url: str, model_cfg: ModelConfig, alexnet_weights: 
     return dict(arr.attrs)
 
 
-def _placement(run: RunConfig) -> tuple[bool, int]:
-    """(GPUs or not, CPUs per worker) on the cluster ``run`` joins or starts."""
+def _placement(run: RunConfig) -> tuple[bool, float]:
+    """(GPUs or not, CPUs per worker) on the cluster ``run`` joins or starts. A local Ray with fewer
+    CPUs than workers shares them (fractions), rather than waiting for CPUs that never come; on a
+    cluster each worker asks for at least one, which the autoscaler can add."""
     resources = ensure_ray(run.address)
     gpus = resources.get("GPU", 0)
     use_gpu = gpus >= run.workers if run.use_gpu is None else run.use_gpu
     if use_gpu and gpus < run.workers:
         raise ValueError(f"--use-gpu asks for {run.workers} GPU worker(s), "
                          f"the cluster has {int(gpus)} GPU(s)")
-    return use_gpu, run.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // run.workers)
+    if run.cpus_per_worker:
+        return use_gpu, run.cpus_per_worker
+    total = resources.get("CPU", 1)
+    if run.address is None and not os.environ.get("RAY_ADDRESS") and total < run.workers:
+        return use_gpu, total / run.workers
+    return use_gpu, max(1, int(total) // run.workers)
 
 
 def _trainer(config: dict, run: RunConfig, use_gpu: bool, name: str, storage_url: str):
@@ -342,7 +369,7 @@ def _trainer(config: dict, run: RunConfig, use_gpu: bool, name: str, storage_url
         train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": config["threads"]}),
+                                     resources_per_worker={"CPU": config["cpus"]}),
         run_config=RayRunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
                                 failure_config=FailureConfig(max_failures=run.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),

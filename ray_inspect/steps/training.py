@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,43 +21,88 @@ from ray_inspect.core.model import build_model
 from ray_inspect.io.artifact import ModelCard, load_alexnet, score_range
 
 
-class PatchBatches:
-    """Batches of one shard of a patch array, reshuffled every epoch, read one chunk at a time.
+def check_layout(n: int, world: int, batch_size: int) -> None:
+    """Whether ``n`` patches can feed ``world`` data-parallel ranks in equal steps (ValueError if not)."""
+    if n < world:
+        raise ValueError(f"{n} patches cannot feed {world} workers (each needs at least one); "
+                         "prepare more patches or train with fewer workers")
+    if batch_size == 1 and world > 1 and n % world:
+        raise ValueError(f"batch size 1 with {world} workers needs a patch count divisible by {world}, "
+                         f"not {n}: use a larger batch size")
 
-    Each epoch permutes the chunks (seeded by seed and epoch), deals them round-robin to the
-    ``world`` ranks, and shuffles patches inside a window of ``window`` chunks, so memory stays at
-    a few chunks whatever N is. ``augment`` ("flips", "dihedral") transforms each patch at random.
+
+class PatchBatches:
+    """Batches of one rank's shard of a patch array, reshuffled every epoch, read a few chunks at a time.
+
+    Each epoch permutes the chunks (seeded by seed and epoch) into one sequence of patches and gives
+    rank r its contiguous slice [r*N/world, (r+1)*N/world): shards are disjoint, cover every patch
+    once and differ by at most one patch, whatever the chunk sizes and however few the chunks.
+    Patches are shuffled inside a window of ``window`` chunks, so memory stays at a few chunks.
+    Every rank yields the same number of batches (``steps``), as DDP's collectives require: full
+    batches and a smaller last one; a shard one patch short of the others splits its last full
+    batch in two. ``augment`` ("flips", "dihedral") transforms each patch at random.
     """
 
     def __init__(self, array, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,  # noqa: PLR0913 - the array, its shard and how it is read
                  window: int = 4, augment: str = "none"):
+        check_layout(array.shape[0], world, batch_size)
         self.array, self.batch_size, self.seed = array, batch_size, seed
         self.rank, self.world, self.window, self.augment = rank, world, window, augment
+        self.n = array.shape[0]
         self.chunk = array.chunks[0]
-        self.n_chunks = -(-array.shape[0] // self.chunk)
-
-    def chunks_for(self, epoch: int) -> np.ndarray:
-        order = np.random.default_rng((self.seed, epoch)).permutation(self.n_chunks)
-        return order[self.rank :: self.world]
+        self.n_chunks = -(-self.n // self.chunk)
 
     def __len__(self) -> int:
-        return self.array.shape[0]
+        return self.n
+
+    def bounds(self, rank: int) -> tuple[int, int]:
+        """Positions [lo, hi) of ``rank``'s shard in the epoch's patch sequence."""
+        return rank * self.n // self.world, (rank + 1) * self.n // self.world
+
+    @property
+    def steps(self) -> int:
+        """Batches every rank runs per epoch: those of the largest shard."""
+        largest = -(-self.n // self.world)
+        return -(-largest // self.batch_size)
+
+    def batch_sizes(self) -> list[int]:
+        lo, hi = self.bounds(self.rank)
+        m, b = hi - lo, self.batch_size
+        sizes = [b] * (m // b) + ([m % b] if m % b else [])
+        if len(sizes) < self.steps:            # one patch short of the largest shard: one more step
+            i = max(range(len(sizes)), key=sizes.__getitem__)
+            sizes[i : i + 1] = [sizes[i] - sizes[i] // 2, sizes[i] // 2]
+        return sizes
+
+    def pieces(self, epoch: int) -> list[tuple[int, int]]:
+        """Array rows [start, stop) of this rank's shard in this epoch's order, at most one per chunk."""
+        order = np.random.default_rng((self.seed, epoch)).permutation(self.n_chunks)
+        lo, hi = self.bounds(self.rank)
+        out, pos = [], 0
+        for c in order:
+            c0 = int(c) * self.chunk
+            size = min(self.chunk, self.n - c0)
+            a, b = max(lo, pos), min(hi, pos + size)
+            if a < b:
+                out.append((c0 + a - pos, c0 + b - pos))
+            pos += size
+        return out
 
     def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
         rng = np.random.default_rng((self.seed, epoch, self.rank))
-        mine = self.chunks_for(epoch)
+        pieces = self.pieces(epoch)
+        sizes = iter(self.batch_sizes())
+        want = next(sizes, None)
         carry = np.empty((0,) + self.array.shape[1:], np.uint8)
-        for w in range(0, len(mine), self.window):
-            blocks = [self.array[c * self.chunk : (c + 1) * self.chunk] for c in mine[w : w + self.window]]
-            pool = np.concatenate([carry] + blocks)
+        for w in range(0, len(pieces), self.window):
+            pool = np.concatenate([carry] + [self.array[a:b] for a, b in pieces[w : w + self.window]])
             pool = pool[rng.permutation(len(pool))]
-            full = len(pool) // self.batch_size * self.batch_size
-            last = w + self.window >= len(mine)
-            stop = len(pool) if last else full
-            for s in range(0, stop, self.batch_size):
-                batch = augment(pool[s : s + self.batch_size], self.augment, rng)
+            s = 0
+            while want is not None and len(pool) - s >= want:
+                batch = augment(pool[s : s + want], self.augment, rng)
                 yield torch.from_numpy(batch.astype(np.float32) / 255.0)
-            carry = pool[stop:]
+                s, want = s + want, next(sizes, None)
+            carry = pool[s:]
 
 
 def augment(batch: np.ndarray, how: str, rng: np.random.Generator) -> np.ndarray:
@@ -81,9 +126,11 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> fl
     return lr
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, loss_fn: LossFn,
-                precision: str = "bfloat16", device: torch.device | str = "cpu") -> dict:
-    """One pass over ``batches``; returns mean loss, patch count and patches/s."""
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, loss_fn: LossFn,  # noqa: PLR0913 - the step's parts and where it reports
+                precision: str = "bfloat16", device: torch.device | str = "cpu",
+                on_batch: Callable[[int, float], None] | None = None) -> dict:
+    """One pass over ``batches``; returns mean loss, patch count and patches/s. ``on_batch(patches,
+    mean loss)`` follows every batch."""
     model.train()
     total, count, t0 = 0.0, 0, time.perf_counter()
     device = torch.device(device)
@@ -99,6 +146,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, los
         optimizer.step()
         total += float(loss.detach()) * len(x)
         count += len(x)
+        if on_batch is not None:
+            on_batch(count, total / count)
     dt = time.perf_counter() - t0
     return {"loss": total / max(count, 1), "patches": count, "seconds": dt,
             "patches_per_s": count / dt if dt else 0.0}

@@ -97,3 +97,27 @@ def test_training_failure_is_one_line(ray_session, patches, tmp_path):
     res = CliRunner().invoke(main, ["train", patches, str(tmp_path / "m"), "--loss", "fm",
                                     "--alexnet-weights", str(tmp_path / "missing.pth")])
     assert res.exit_code == 2 and "missing.pth" in res.stderr and "Traceback" not in res.stderr
+
+
+RAY_INTERNALS = ("(ScanActor", "(RayTrainWorker", "(TrainController", "PlacementGroupCleaner", "worker.py:",
+                 "TrainingReport(", "Checkpoint successfully created", "authentication_token_setup")
+
+
+@pytest.mark.slow
+def test_real_process_exit_3_with_bad_input_and_a_quiet_terminal(calibrated, dataset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    shutil.copytree(f"{dataset}/test/good", src)
+    (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    r = subprocess.run([sys.executable, "-m", "ray_inspect.cli", "scan", calibrated[0], str(src),
+                        str(tmp_path / "out"), "--workers", "1"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "RAY_ADDRESS": ""})
+    assert r.returncode == 3
+    assert not [line for line in r.stderr.splitlines() if any(s in line for s in RAY_INTERNALS)], r.stderr
+    skipped = [line for line in r.stderr.splitlines() if "bad.png" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped ") and "Traceback" not in r.stderr
+    assert "scan " in r.stderr and "images" in r.stderr                    # the progress line
+    assert r.stdout.startswith("images") and "1 failed" in r.stdout        # the final table

@@ -147,3 +147,57 @@ def test_training_is_deterministic(ray_session, patches, tmp_path):
                          TrainConfig(epochs=1, batch_size=64), run))
     assert cards[0].weights_sha256 == cards[1].weights_sha256
     assert cards[0].patches["fingerprint"] == open_patches(patches).attrs["fingerprint"]
+
+
+LAYOUTS = {"1 chunk": (256, 256), "3 unequal chunks": (300, 128), "10 chunks": (320, 32)}   # (patches, chunk)
+
+
+def _layout(dataset, url, name):
+    from ray_inspect.config import PrepareConfig
+    from ray_inspect.io.patches import prepare
+
+    n, chunk = LAYOUTS[name]
+    prepare(dataset, url, PrepareConfig(patches=n, chunk=chunk, short_side=None, seed=2))
+    return n
+
+
+def _fit_layout(patches_url, n, workers, storage_url, name, model_url):
+    seen = []
+    fit(patches_url, model_url, ModelConfig(latent=16),
+        TrainConfig(epochs=2, batch_size=32, precision="float32"),
+        RunConfig(workers=workers, storage=storage_url, run_name=name, max_failures=0),
+        hooks=TrainHooks(on_epoch=seen.append))
+    assert [m["epoch"] for m in seen] == [1, 2]
+    assert all(m["ranks_in_sync"] and m["workers"] == workers for m in seen)   # the parameter digest
+    assert [m["patches"] for m in seen] == [n, n]                               # every patch, every epoch
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("workers", [2, 3])
+def test_any_layout_feeds_any_number_of_workers(ray_session, dataset, tmp_path, layout, workers):
+    n = _layout(dataset, str(tmp_path / "p.zarr"), layout)
+    _fit_layout(str(tmp_path / "p.zarr"), n, workers, str(tmp_path / "runs"), "layout", str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_any_layout_feeds_three_workers_from_s3(ray_session, s3, dataset, layout):
+    from ray_inspect.io import storage
+
+    base = s3.url("layouts", storage.unique_suffix())
+    n = _layout(dataset, storage.join(base, "p.zarr"), layout)
+    _fit_layout(storage.join(base, "p.zarr"), n, 3, storage.join(base, "runs"), "layout",
+                storage.join(base, "model"))
+
+
+def test_a_store_too_small_for_the_workers_fails_in_one_line(ray_session, dataset, tmp_path):
+    from ray_inspect.config import PrepareConfig
+    from ray_inspect.io.patches import prepare
+
+    prepare(dataset, str(tmp_path / "p.zarr"), PrepareConfig(patches=2, chunk=2, short_side=None))
+    r = subprocess.run([sys.executable, "-m", "ray_inspect.cli", "train", str(tmp_path / "p.zarr"),
+                        str(tmp_path / "m"), "--workers", "3", "--epochs", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "ray-inspect: error: 2 patches cannot feed 3 workers (each needs at least one); "
+        "prepare more patches or train with fewer workers")

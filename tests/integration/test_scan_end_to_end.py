@@ -127,3 +127,22 @@ def test_unlabelled_prefix_and_bfloat16(ray_session, calibrated, dataset, tmp_pa
     summary = scan(url, str(tmp_path / "prefix"), str(out), InspectConfig(precision="bfloat16"))
     assert summary["scanned"] == len(list(src.iterdir())) and "metrics" not in summary
     assert (out / "masks" / "line1" / "000.png").exists() and not (out / "metrics.json").exists()
+    # report on an unlabelled scan: the counts, no metrics, overlays of the highest scores
+    rep = write_report(str(out), worst=2)
+    assert rep["pixel_auroc"] is None and rep["metrics"] == {}
+    assert rep["scan"]["scanned"] == summary["scanned"]
+    assert len(list((out / "overlays").iterdir())) == 2 and not (out / "roc.png").exists()
+
+
+def test_report_of_an_unfinished_scan_is_one_line(ray_session, calibrated, dataset, tmp_path):
+    import subprocess
+    import sys
+
+    url, _ = calibrated
+    out = tmp_path / "out"
+    scan(url, dataset, str(out), InspectConfig(precision="float32"))
+    (out / "_SUCCESS").unlink()                                 # as a scan stopped before its end leaves it
+    r = subprocess.run([sys.executable, "-m", "ray_inspect.cli", "report", str(out)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == f"ray-inspect: error: {out}: no finished scan here (no _SUCCESS marker)"

@@ -66,7 +66,7 @@ def test_driver_accounts_every_image_once_and_writes_errors_and_manifest(tmp_pat
                            "fp")
     telemetry, progress, errors = _Recorder(), [], []
     run = driver._Run.create(plan, ScanOptions(max_attempts=2), {
-        "telemetry": telemetry, "progress": lambda *a: progress.append(a), "on_error": errors.append}, 0.0)
+        "telemetry": telemetry, "progress": progress.append, "on_error": errors.append}, 0.0)
     a, b, c = run.items
     record = ImageRecord(**{**COMMON, **TAIL, "key": "a.png", "stem": "a", "tiles": 5})
     driver._scanned(run, a, driver.ScanResult(Outcome.OK, record))
@@ -85,7 +85,8 @@ def test_driver_accounts_every_image_once_and_writes_errors_and_manifest(tmp_pat
                     "kind": "storage"}) + "\n")
     assert [e.kind for e in errors] == [FailureKind.WORKER_DIED, FailureKind.STORAGE]
     assert telemetry.images == ["a.png"] and telemetry.failures == [e.kind for e in errors]
-    assert progress == [(1, 3, "a.png", "ok"), (2, 3, "b.png", "error"), (3, 3, "c.png", "error")]
+    assert [(p.done, p.total, p.key, p.outcome, p.failed, p.tiles) for p in progress] == [
+        (1, 3, "a.png", "ok", 0, 5), (2, 3, "b.png", "error", 1, 5), (3, 3, "c.png", "error", 2, 5)]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [(e["key"], e["status"]) for e in manifest["entries"]] == [("a.png", "ok"), ("b.png", "error"),
                                                                       ("c.png", "error")]

@@ -132,3 +132,23 @@ def test_bands_cover_their_rows_with_the_whole_images_batches(h, w, band, batch)
         nx = len(g.xs)
         mine = list(g.batches(batch, (j0, j1)))
         assert set(mine) <= set(whole) and sum(e - s for s, e in mine) == (j1 - j0) * nx
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("training", [True, False])
+def test_reconstruct_leaves_the_callers_model_as_it_was(precision, training):
+    from ray_inspect.config import ModelConfig
+    from ray_inspect.core.inference import reconstruct
+    from ray_inspect.core.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig()).train(training)
+    before = {k: (v.clone(), v.stride(), v.dtype, v.device) for k, v in model.state_dict().items()}
+    img = np.random.default_rng(0).random((150, 170)).astype(np.float32)
+    out = reconstruct(model, img, precision=precision)
+    assert out.shape == img.shape
+    assert model.training is training
+    for k, v in model.state_dict().items():
+        value, stride, dtype, device = before[k]
+        assert torch.equal(v, value) and v.stride() == stride and v.dtype == dtype and v.device == device, k
+    assert all(p.is_contiguous() for p in model.parameters())        # not switched to channels-last

@@ -55,7 +55,45 @@ def test_batches_cover_the_shard_once_and_reshuffle(patches):
     assert not torch.equal(first0, first1)
     shards = [PatchBatches(arr, 50, seed=0, rank=r, world=2) for r in range(2)]
     assert sum(sum(len(b) for b in s.epoch(3)) for s in shards) == 300
-    assert set(shards[0].chunks_for(3)).isdisjoint(shards[1].chunks_for(3))
+
+
+def _indexed(tmp_path, n, chunk):
+    """A patch array whose patch i carries i in its first two pixels."""
+    arr = zarr.create_array(store=str(tmp_path / f"i{n}-{chunk}.zarr"), shape=(n, 1, 128, 128),
+                            chunks=(chunk, 1, 128, 128), dtype="uint8")
+    data = np.zeros((n, 1, 128, 128), np.uint8)
+    data[:, 0, 0, 0], data[:, 0, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
+    arr[:] = data
+    return arr
+
+
+@pytest.mark.parametrize("n,chunk", [(256, 256), (600, 256), (2560, 256), (7, 4)])   # 1, 3 unequal, 10 chunks
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("batch", [32, 128])
+def test_every_rank_runs_the_same_steps_and_every_patch_is_seen_once(tmp_path, n, chunk, world, batch):
+    arr = _indexed(tmp_path, n, chunk)
+    for epoch in (0, 1):
+        shards = [list(PatchBatches(arr, batch, seed=0, rank=r, world=world).epoch(epoch))
+                  for r in range(world)]
+        steps = {len(s) for s in shards}
+        assert len(steps) == 1                                            # DDP: equal step counts
+        seen = np.concatenate([(b[:, 0, 0, 0] * 255 + b[:, 0, 0, 1] * 255 * 256).round().numpy()
+                               for s in shards for b in s]).astype(int)
+        assert sorted(seen) == list(range(n))                             # each patch exactly once
+        assert all(len(b) >= 1 for s in shards for b in s)
+        sizes = [sum(len(b) for b in s) for s in shards]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_a_layout_that_cannot_feed_the_workers_is_refused(tmp_path):
+    from ray_inspect.steps.training import check_layout
+
+    arr = _indexed(tmp_path, 2, 2)
+    with pytest.raises(ValueError, match="2 patches cannot feed 3 workers"):
+        PatchBatches(arr, 32, world=3, rank=0)
+    with pytest.raises(ValueError, match="batch size 1"):
+        check_layout(5, 2, 1)
+    check_layout(6, 2, 1)
 
 
 @pytest.mark.parametrize("loss", ["ssim", "l2", "vae"])
