@@ -92,7 +92,8 @@ def _row(a: argparse.Namespace, root: str, row: str, patches: str, calib: str) -
     summary = cli("scan", model, root, out)
     scan_s = time.time() - t0
     m = summary["metrics"]
-    return {"row": row, "training": recipe, "train_args": TRAININGS[recipe], "score": cal["score"], "pixel_auroc": m["pixel_auroc"],
+    return {"row": row, "training": recipe, "train_args": TRAININGS[recipe], "score": cal["score"],
+            "pixel_auroc": m["pixel_auroc"],
             "au_pro": m["au_pro"], "image_auroc": m["image_auroc"], "threshold": cal["threshold"],
             "train_seconds": round(train_s, 1), "calibrate_scan_seconds": round(scan_s, 1)}
 
