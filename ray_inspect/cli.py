@@ -228,7 +228,7 @@ class _EpochLines:
             self.line = ProgressLine(f"epoch {s['epoch']}/{self.epochs}", "patches", self.tel.say,
                                      json_logs=self.tel.cfg.log_format == "json")
             self.epoch = s["epoch"]
-        self.line.update(s["patches"], s["of"], loss=f"{s['loss']:.5f}")
+        self.line.update(s["patches"], s["of"], elapsed=s["seconds"], loss=f"{s['loss']:.5f}")
 
     def __call__(self, s: dict) -> None:
         if self.line is not None:
@@ -303,8 +303,8 @@ class _ScanProgress:
 
     def __call__(self, p) -> None:
         elapsed = max(self.line.elapsed(), 1e-9)
-        self.line.update(p.done, p.total, **{"tiles/s": round(p.tiles / elapsed), "failed": p.failed,
-                                             "resumed": p.skipped})
+        self.line.update(p.done, p.total, fresh=p.done - p.skipped,
+                         **{"tiles/s": round(p.tiles / elapsed), "failed": p.failed, "resumed": p.skipped})
 
     def close(self) -> None:
         self.line.close()

@@ -130,14 +130,15 @@ def _step_reporter(config: dict, epoch: int, world: int, n: int):
     queue_, every = config.get("progress"), config.get("step_seconds")
     if queue_ is None or not every:
         return None
-    last = [time.monotonic()]
+    start = time.monotonic()
+    last = [start]
 
     def report(patches: int, loss: float) -> None:
         now = time.monotonic()
         if now - last[0] >= every:
             last[0] = now
             queue_.put({"kind": "step", "epoch": epoch + 1, "patches": min(n, patches * world), "of": n,
-                        "loss": loss})
+                        "loss": loss, "seconds": now - start})
     return report
 
 

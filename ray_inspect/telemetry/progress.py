@@ -26,8 +26,9 @@ def eta_text(seconds: float | None) -> str:
 class ProgressLine:
     """``update(done, total, **figures)`` as work advances; ``close()`` once it ends.
 
-    ``figures`` are shown as given (``name value``) and, with JSON logs, sent as fields. ``start``
-    is the count already done when this run began (a resumed scan), so the rate is this run's.
+    ``figures`` are shown as given (``name value``) and, with JSON logs, sent as fields. ``fresh``
+    is the part of ``done`` this run did (a resumed scan skips the rest), so the rate is this run's;
+    ``elapsed`` overrides the seconds since the line was created (when the work began earlier).
     """
 
     def __init__(self, label: str, unit: str, say: Say, json_logs: bool = False, every: float = 30.0,  # noqa: PLR0913 - how and where it reports
@@ -37,29 +38,31 @@ class ProgressLine:
         self.clock = clock
         self.tty = not json_logs and self.stream.isatty()
         self.t0 = clock()
-        self.start: int | None = None
+        self.fresh = 0
+        self.seconds: float | None = None
         self.last_out = -1e18
         self.state: tuple[int, int, dict[str, Any]] | None = None
         self.width = 0
 
     def elapsed(self) -> float:
-        return self.clock() - self.t0
+        return self.seconds if self.seconds is not None else self.clock() - self.t0
 
-    def rate(self, done: int) -> float:
+    def rate(self) -> float:
         elapsed = self.elapsed()
-        return (done - (self.start or 0)) / elapsed if elapsed > 0 else 0.0
+        return self.fresh / elapsed if elapsed > 0 else 0.0
 
     def line(self, done: int, total: int, figures: dict[str, Any]) -> str:
-        rate = self.rate(done)
+        rate = self.rate()
         eta = (total - done) / rate if rate > 0 else None
         pct = 100.0 * done / total if total else 100.0
         extra = "".join(f"  {k} {v}" for k, v in figures.items())
         return (f"{self.label} {done}/{total} {self.unit} ({pct:.0f}%)  {rate:.1f} {self.unit}/s{extra}  "
                 f"ETA {eta_text(eta)}")
 
-    def update(self, done: int, total: int, **figures: Any) -> None:
-        if self.start is None:
-            self.start = done - 1 if done else 0
+    def update(self, done: int, total: int, fresh: int | None = None, elapsed: float | None = None,  # noqa: PLR0913 - counts, then the step's own figures
+               **figures: Any) -> None:
+        self.fresh = done if fresh is None else fresh
+        self.seconds = elapsed
         self.state = (done, total, figures)
         now = self.clock()
         if now - self.last_out < (0.2 if self.tty else self.every):
@@ -76,7 +79,7 @@ class ProgressLine:
         elif self.json_logs:
             fields = {k.replace("/s", "_per_s").replace(" ", "_"): v for k, v in figures.items()}
             self.say(text, progress=self.label, done=done, total=total,
-                     per_s=round(self.rate(done), 3), **fields)
+                     per_s=round(self.rate(), 3), **fields)
         else:
             print(text, file=self.stream, flush=True)
 
