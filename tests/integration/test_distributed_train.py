@@ -164,12 +164,12 @@ def _layout(dataset, url, name):
 def _fit_layout(patches_url, n, workers, storage_url, name, model_url):
     seen = []
     fit(patches_url, model_url, ModelConfig(latent=16),
-        TrainConfig(epochs=2, batch_size=32, precision="float32"),
+        TrainConfig(epochs=1, batch_size=32, precision="float32"),
         RunConfig(workers=workers, storage=storage_url, run_name=name, max_failures=0),
         hooks=TrainHooks(on_epoch=seen.append))
-    assert [m["epoch"] for m in seen] == [1, 2]
+    assert [m["epoch"] for m in seen] == [1]
     assert all(m["ranks_in_sync"] and m["workers"] == workers for m in seen)   # the parameter digest
-    assert [m["patches"] for m in seen] == [n, n]                               # every patch, every epoch
+    assert [m["patches"] for m in seen] == [n]          # every patch once (see tests/unit/test_training.py)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
