@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import click
 
@@ -67,6 +68,14 @@ def _training_failure(exc: BaseException) -> str | None:
     return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: PLR0913 - warnings.showwarning's signature
+    """Python warnings as one log record of ours (``ray-inspect: warning: ...`` or JSON), not two
+    lines of source location."""
+    import logging
+
+    logging.getLogger("ray_inspect").warning("%s", message)
+
+
 def _emit(data: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
 
@@ -94,6 +103,7 @@ def main(ctx: click.Context, s3_endpoint: str | None, metrics_port: int, metrics
     """Unsupervised defect segmentation of industrial images (SSIM autoencoder, Bergmann et al. 2019)."""
     from ray_inspect.telemetry import configure
 
+    warnings.showwarning = _warning_line
     if verbose:   # Ray is imported only by the commands that use it; quiet is its default here
         from ray_inspect.distributed.cluster import set_verbose
 

@@ -39,6 +39,7 @@ class ProgressLine:
         self.tty = not json_logs and self.stream.isatty()
         self.t0 = clock()
         self.fresh = 0
+        self.first: tuple[float, int] | None = None   # (elapsed, fresh) at the first update
         self.seconds: float | None = None
         self.last_out = -1e18
         self.state: tuple[int, int, dict[str, Any]] | None = None
@@ -48,7 +49,10 @@ class ProgressLine:
         return self.seconds if self.seconds is not None else self.clock() - self.t0
 
     def rate(self) -> float:
+        """Work per second since the first update (start-up excluded), or since the start before that."""
         elapsed = self.elapsed()
+        if self.first is not None and self.fresh > self.first[1] and elapsed > self.first[0]:
+            return (self.fresh - self.first[1]) / (elapsed - self.first[0])
         return self.fresh / elapsed if elapsed > 0 else 0.0
 
     def line(self, done: int, total: int, figures: dict[str, Any]) -> str:
@@ -63,6 +67,8 @@ class ProgressLine:
                **figures: Any) -> None:
         self.fresh = done if fresh is None else fresh
         self.seconds = elapsed
+        if self.first is None:
+            self.first = (self.elapsed(), self.fresh)
         self.state = (done, total, figures)
         now = self.clock()
         if now - self.last_out < (0.2 if self.tty else self.every):

@@ -31,7 +31,7 @@ def test_log_lines_every_interval_with_this_runs_rate_and_eta():
     line.close()
     lines = out.getvalue().splitlines()
     assert lines[0] == "scan 60/200 images (30%)  5.0 images/s  failed 1  ETA 00:28"
-    assert lines[1] == "scan 200/200 images (100%)  4.2 images/s  failed 2  ETA 00:00"
+    assert lines[1] == "scan 200/200 images (100%)  4.0 images/s  failed 2  ETA 00:00"   # since the first
     assert len(lines) == 3 and lines[2] == lines[1]     # close() reports the last state
     assert said == []
 
