@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import tempfile
@@ -355,7 +356,8 @@ def _placement(run: RunConfig) -> tuple[bool, float]:
         return use_gpu, run.cpus_per_worker
     total = resources.get("CPU", 1)
     if run.address is None and not os.environ.get("RAY_ADDRESS") and total < run.workers:
-        return use_gpu, total / run.workers
+        # Ray keeps 4 decimals of a resource: round down, or 3 x 0.6667 would not fit in 2 CPUs
+        return use_gpu, math.floor(total / run.workers * 1e4) / 1e4
     return use_gpu, max(1, int(total) // run.workers)
 
 
