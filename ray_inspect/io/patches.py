@@ -18,7 +18,15 @@ import zarr
 from ray_inspect.config import InspectConfig, PrepareConfig
 from ray_inspect.io import storage
 from ray_inspect.io.datasets import train_images
-from ray_inspect.io.images import fetch, peek_shape, read_image, resize_image, scaled_shape, to_uint8
+from ray_inspect.io.images import (
+    decode_raw,
+    fetch,
+    peek_shape,
+    read_image,
+    resize_image,
+    scaled_shape,
+    to_uint8,
+)
 
 SIZE_SAMPLE = 256   # training images whose headers decide the scale
 
@@ -33,7 +41,8 @@ def choose_scale(urls: list[str], cfg: PrepareConfig, seed: int = 0) -> tuple[fl
         pick = [urls[i] for i in rng.choice(len(urls), SIZE_SAMPLE, replace=False)]
     sides = []
     for url in pick:
-        shape = peek_shape(fetch(url), url) or read_image(url).shape[:2]
+        data = fetch(url)
+        shape = peek_shape(data, url) or decode_raw(data, url).shape[:2]   # a header it cannot read: decode
         sides.append(min(shape[:2]))
     smallest = int(min(sides))
     if cfg.scale is not None:
