@@ -8,6 +8,7 @@ complete (with a content fingerprint) only after its last chunk.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections import OrderedDict
 from typing import Callable
@@ -100,10 +101,31 @@ def _store(url: str):
     return storage.local_path(url) if storage.is_local(url) else url
 
 
+def is_patch_store(url: str) -> bool:
+    """Whether ``url`` holds a Zarr array that ``prepare`` wrote (finished or not)."""
+    try:
+        meta = json.loads(storage.read_text(storage.join(url, "zarr.json")))
+    except (storage.StorageError, FileNotFoundError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("node_type") == "array" \
+        and "complete" in (meta.get("attributes") or {})
+
+
+def check_output(dataset: str, out: str) -> None:
+    """``prepare`` replaces ``out`` only when it is a patch store that ``prepare`` made (or nothing,
+    or an empty folder), and never when it holds the data set or lies inside it."""
+    if storage.contains(out, dataset) or storage.contains(dataset, out):
+        raise ValueError(f"{out}: the patch store must lie outside the data set {dataset} (and not hold it)")
+    if storage.exists(out) and not is_patch_store(out) and storage.find(out):
+        raise ValueError(f"{out}: exists and is not a patch store made by prepare; nothing was removed "
+                         "(choose another path, or remove it yourself)")
+
+
 def prepare(dataset: str, out: str, cfg: PrepareConfig = PrepareConfig(),
             progress: Callable[[int], None] | None = None, cache_bytes: int = 1 << 30) -> dict:
     """Crop ``cfg.patches`` random patches from the training images of ``dataset`` into ``out``."""
     urls = train_images(dataset)
+    check_output(dataset, out)
     scale, smallest = choose_scale(urls, cfg, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     n, p, c = cfg.patches, cfg.patch, cfg.channels

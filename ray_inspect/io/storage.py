@@ -79,6 +79,24 @@ def join(url: str, *parts: str) -> str:
     return base
 
 
+def _canonical(url: str) -> str:
+    """A URL's place for comparison: local paths resolved (symlinks, ``..``), prefixes without a
+    trailing slash."""
+    if is_local(url):
+        return os.path.realpath(local_path(url))
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+
+
+def contains(outer: str, inner: str) -> bool:
+    """Whether ``inner`` is ``outer`` or lies below it (``s3://b/a`` holds ``s3://b/a/x``, not
+    ``s3://b/ab``)."""
+    o, i = _canonical(outer), _canonical(inner)
+    if is_local(outer) != is_local(inner):
+        return False
+    return i == o or i.startswith(o.rstrip("/") + "/")
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
     return text[:200]

@@ -35,3 +35,19 @@ def test_endpoint_from_environment(monkeypatch):
     monkeypatch.setenv(storage.ENDPOINT_ENV, "http://127.0.0.1:9")
     assert storage.storage_options("s3://b/k") == {"endpoint_url": "http://127.0.0.1:9"}
     assert storage.storage_options("/tmp/x") == {}
+
+
+def test_contains_compares_whole_segments_and_resolves_links(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "l").symlink_to(tmp_path / "a")
+    assert storage.contains(str(tmp_path / "a"), str(tmp_path / "a" / "b" / "c.zarr"))
+    assert storage.contains(str(tmp_path / "a"), str(tmp_path / "a") + "/")
+    assert storage.contains(str(tmp_path / "l"), str(tmp_path / "a" / "b"))          # through the link
+    assert storage.contains(str(tmp_path / "a" / "b"), str(tmp_path / "a" / "b" / ".." / "b" / "x"))
+    assert not storage.contains(str(tmp_path / "a"), str(tmp_path / "ab"))
+    assert not storage.contains(str(tmp_path / "a" / "b"), str(tmp_path / "a"))
+    assert storage.contains("s3://bkt/archive", "s3://bkt/archive/line3/x.png")
+    assert storage.contains("s3://bkt/archive/", "s3://bkt/archive")
+    assert not storage.contains("s3://bkt/archive", "s3://bkt/archive-scans/x")
+    assert not storage.contains("s3://bkt/archive", "gs://bkt/archive/x")
+    assert not storage.contains("s3://bkt/a", str(tmp_path / "a"))
