@@ -17,6 +17,7 @@ from ray_inspect.io.storage import ENDPOINT_ENV
 # AWS_* variables reach workers through the environment the local Ray inherits at start-up).
 FORWARDED_ENV = (ENDPOINT_ENV,)
 _verbose = False
+log = logging.getLogger(__name__)
 
 
 def set_verbose(verbose: bool) -> None:
@@ -31,6 +32,29 @@ def _quiet_ray_loggers(quiet: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.NOTSET)
 
 
+def _route_ray_errors() -> None:
+    """Ray's driver prints the errors its raylets publish ("A worker died or was killed ...") on
+    stdout, where the JSON and tables go, whatever ``log_to_driver`` says. Unless verbose they go to
+    this log at debug level: the scan and training report those failures in their own lines."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "routed_by_ray_inspect", False):
+        return
+
+    def routed(data, ignore_prefix):
+        if _verbose:
+            return original(data, ignore_prefix)
+        for line in data.get("lines", []):
+            log.debug("ray (%s): %s", data.get("pid"), line)
+        return None
+
+    routed.routed_by_ray_inspect = True
+    ray_worker.print_to_stdstream = routed
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
     """Connect to (or start) Ray once per process; returns the cluster's resources."""
     import ray
@@ -41,6 +65,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
         kwargs = {"runtime_env": {"env_vars": env}} if env else {}
         quiet = {"log_to_driver": _verbose, "logging_level": logging.INFO if _verbose else logging.ERROR}
         _quiet_ray_loggers(not _verbose)
+        _route_ray_errors()
         if address:
             ray.init(address=address, **quiet, **kwargs)
         else:

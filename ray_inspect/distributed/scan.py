@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -33,6 +34,8 @@ from ray_inspect.io.datasets import Sample, list_samples
 from ray_inspect.records import FailureKind, ImageRecord, InputError, Outcome, ScanError, ScanProgress
 from ray_inspect.steps.imagescan import ScanTarget, output_stems, output_urls, scan_image
 from ray_inspect.telemetry import NULL_SCAN, ScanRecorder
+
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_PARTIAL = 0, 3
 SCAN_FORMAT = 2          # bump when outputs of the same settings change
@@ -246,7 +249,8 @@ def _actor_env(shape: _Shape) -> dict:
 class _Pool:
     """Actors with at most ``depth`` images each (queued in the actor beyond its concurrency). A dead
     actor is replaced at once and the images it held come back as LOST, for the driver to hand to
-    the next free actor."""
+    the next free actor. An image that was lost runs alone on an idle actor: images queued beside one
+    that kills its actor are lost with it, and only the one that kills it again is charged twice."""
 
     def __init__(self, remote, args: tuple, workers: int, depth: int):
         import ray
@@ -255,19 +259,21 @@ class _Pool:
         self.actors = [remote.remote(*args) for _ in range(workers)]
         self.generation = [0] * workers
         self.busy = [0] * workers
-        self.inflight: dict = {}                                     # ref -> (actor, generation, item)
+        self.inflight: dict = {}                              # ref -> (actor, generation, item, slots)
 
     def fill(self, queue: deque) -> None:
-        """One image per actor per pass, so a short queue spreads over all actors."""
+        """The least busy actor takes the next image, so a short queue spreads over all actors."""
         while queue:
-            free = [a for a in range(len(self.actors)) if self.busy[a] < self.depth]
-            if not free:
+            alone = queue[0].attempts > 0
+            room = [a for a in range(len(self.actors)) if self.busy[a] < (1 if alone else self.depth)]
+            if not room:
                 return
-            for a in free[: len(queue)]:
-                item = queue.popleft()
-                ref = self.actors[a].scan.remote(item.sample, item.stem)
-                self.inflight[ref] = (a, self.generation[a], item)
-                self.busy[a] += 1
+            a = min(room, key=lambda i: self.busy[i])
+            item = queue.popleft()
+            slots = self.depth if alone else 1
+            ref = self.actors[a].scan.remote(item.sample, item.stem)
+            self.inflight[ref] = (a, self.generation[a], item, slots)
+            self.busy[a] += slots
 
     def results(self, timeout: float = 1.0) -> Iterator[tuple[_Item, Outcome, Any]]:
         """Yield (item, outcome, value) for whatever finished within ``timeout``: OK with the actor's
@@ -275,9 +281,9 @@ class _Pool:
         ray = self.ray
         ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
         for ref in ready:
-            a, gen, item = self.inflight.pop(ref)
+            a, gen, item, slots = self.inflight.pop(ref)
             if gen == self.generation[a]:
-                self.busy[a] -= 1
+                self.busy[a] -= slots
             try:
                 yield item, Outcome.OK, ray.get(ref)
             except ray.exceptions.RayActorError as exc:
@@ -313,6 +319,9 @@ class ScanPlan:
                metrics_cfg: MetricsConfig) -> ScanPlan:
         """Read the model's card; ``threshold`` None takes the card's."""
         model_url, source, out = (storage.absolute(u) for u in (model_url, source, out))
+        if storage.contains(out, source):
+            raise ValueError(f"{source}: the source lies inside the scan's output {out} (its own outputs "
+                             "would be scanned and overwritten); give an OUT outside it")
         card = read_card(model_url)
         threshold = card.threshold if threshold is None else threshold
         fingerprint = scan_fingerprint(card, cfg, threshold, metrics_cfg)
@@ -338,8 +347,14 @@ class _Run:
 
     @classmethod
     def create(cls, plan: ScanPlan, options: ScanOptions, hooks: ScanHooks, t_start: float) -> _Run:
-        """List the source (none: FileNotFoundError) and open the ledger."""
+        """List the source (none: FileNotFoundError) and open the ledger. An OUT inside the source
+        is left out of the listing, so a rerun does not scan its own outputs."""
         samples = list_samples(plan.source)
+        if storage.contains(plan.source, plan.out):
+            kept = [s for s in samples if not storage.contains(plan.out, s.url)]
+            log.info("%s lies inside the source: its %d images are not scanned", plan.out,
+                     len(samples) - len(kept))
+            samples = kept
         if not samples:
             raise FileNotFoundError(f"{plan.source}: no images (PNG, TIFF, JPEG) found")
         stems = output_stems([s.key for s in samples])

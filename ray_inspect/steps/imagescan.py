@@ -44,11 +44,17 @@ SPOOL_BYTES = 64 << 20   # residual maps larger than this go through a local tem
 
 
 def output_stems(keys: list[str]) -> dict[str, str]:
-    """Output path of each input: its key without the extension, or with it where two inputs
-    (a.png, a.tiff) would otherwise collide."""
-    stems = {k: posixpath.splitext(k)[0] for k in keys}
-    clash = Counter(stems.values())
-    return {k: (k if clash[s] > 1 else s) for k, s in stems.items()}
+    """Output path of each input: its key without the extension, or the whole key where that
+    would collide with another input's output (a.png, a.tiff; a.png beside a.png.tiff). Keys are
+    distinct, so the result is too."""
+    final = {k: posixpath.splitext(k)[0] for k in keys}
+    while True:
+        count = Counter(final.values())
+        clashing = [k for k, s in final.items() if count[s] > 1 and s != k]
+        if not clashing:
+            return final
+        for k in clashing:          # a stem gives way to its whole key; that only ever happens once
+            final[k] = k
 
 
 def output_urls(out: str, stem: str) -> dict[str, str]:

@@ -257,9 +257,30 @@ def test_pool_fill_spreads_a_short_queue_over_all_actors():
     pool = object.__new__(_Pool)
     pool.actors, pool.depth = [actor(i) for i in range(4)], 3
     pool.generation, pool.busy, pool.inflight = [0] * 4, [0] * 4, {}
-    queue = deque(SimpleNamespace(sample=None, stem=str(i)) for i in range(6))
+    queue = deque(SimpleNamespace(sample=None, stem=str(i), attempts=0) for i in range(6))
     pool.fill(queue)
     assert pool.busy == [2, 2, 1, 1] and not queue
-    queue.extend(SimpleNamespace(sample=None, stem=str(i)) for i in range(6, 20))
+    queue.extend(SimpleNamespace(sample=None, stem=str(i), attempts=0) for i in range(6, 20))
     pool.fill(queue)
     assert pool.busy == [3, 3, 3, 3] and len(queue) == 8 and len(pool.inflight) == 12
+
+
+def test_pool_runs_an_image_that_was_lost_alone_on_an_idle_actor():
+    from collections import deque
+    from types import SimpleNamespace
+
+    def actor(name):
+        return SimpleNamespace(scan=SimpleNamespace(remote=lambda sample, stem: (name, stem)))
+
+    pool = object.__new__(_Pool)
+    pool.actors, pool.depth = [actor(0), actor(1)], 3
+    pool.generation, pool.busy, pool.inflight = [0, 0], [1, 0], {}
+    lost, lost2 = (SimpleNamespace(sample=None, stem=s, attempts=1) for s in ("lost", "lost2"))
+    queue = deque([lost, *(SimpleNamespace(sample=None, stem=s, attempts=0) for s in "abc"), lost2])
+    pool.fill(queue)
+    assert pool.inflight[(1, "lost")][3] == 3 and pool.busy == [3, 3]     # actor 1 holds it alone
+    assert [pool.inflight[k][0] for k in [(0, "a"), (0, "b")]] == [0, 0]
+    assert [i.stem for i in queue] == ["c", "lost2"]                      # no actor has room
+    pool.busy = [1, 3]
+    pool.fill(queue)
+    assert [i.stem for i in queue] == ["lost2"] and pool.busy == [2, 3]   # it waits for an idle actor

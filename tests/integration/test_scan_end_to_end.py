@@ -146,3 +146,29 @@ def test_report_of_an_unfinished_scan_is_one_line(ray_session, calibrated, datas
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == f"ray-inspect: error: {out}: no finished scan here (no _SUCCESS marker)"
+
+
+def test_an_out_inside_the_source_is_not_scanned_and_a_source_inside_out_is_refused(ray_session, calibrated,
+                                                                                     dataset, tmp_path):
+    import subprocess
+    import sys
+
+    import pytest
+
+    url, _ = calibrated
+    src = tmp_path / "src"
+    shutil.copytree(f"{dataset}/test/good", src)
+    n = len(list(src.glob("*.png")))
+    out = src / "nightly"                                      # results kept beside the archive
+    for _ in range(2):                                         # the rerun lists the outputs of the first
+        summary = scan(url, str(src), str(out), InspectConfig(precision="float32"))
+        assert summary["images"] == n and summary["failed"] == 0
+    assert len(list((out / "records").rglob("*.json"))) == n
+    with pytest.raises(ValueError, match="inside the scan's output"):
+        scan(url, str(out / "residuals"), str(out), InspectConfig(precision="float32"))
+    before = sorted(p.stat().st_mtime_ns for p in out.rglob("*"))
+    r = subprocess.run([sys.executable, "-m", "ray_inspect.cli", "scan", url, str(out), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "inside the scan's output" in r.stderr
+    assert sorted(p.stat().st_mtime_ns for p in out.rglob("*")) == before

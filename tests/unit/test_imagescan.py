@@ -18,6 +18,20 @@ from ray_inspect.steps.inspector import Inspector
 def test_output_stems_keep_paths_and_resolve_collisions():
     stems = output_stems(["a/x.png", "a/x.tiff", "a/y.png", "b/x.jpg"])
     assert stems == {"a/x.png": "a/x.png", "a/x.tiff": "a/x.tiff", "a/y.png": "a/y", "b/x.jpg": "b/x"}
+    # a.png keeps its whole key (beside a.tiff), which is also a.png.tiff's stem
+    assert output_stems(["a.png", "a.tiff", "a.png.tiff"]) == {"a.png": "a.png", "a.tiff": "a.tiff",
+                                                               "a.png.tiff": "a.png.tiff"}
+
+
+def test_output_stems_are_distinct_for_any_set_of_keys():
+    rng = np.random.default_rng(0)
+    parts = ["a", "a.png", "a.tiff", "b", ".png", "a.png.png", "x/a", "x"]
+    for _ in range(2000):
+        n = rng.integers(1, 8)
+        keys = sorted({"".join(rng.choice(parts, size=rng.integers(1, 4))) for _ in range(n)})
+        stems = output_stems(keys)
+        assert len(set(stems.values())) == len(keys), keys
+        assert all(s in (k, k.rsplit(".", 1)[0]) for k, s in stems.items())
 
 
 def _write_png(path, arr):
