@@ -7,6 +7,9 @@ import os
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Ray Train's controller polls its workers every 2 s: the tests' short runs end sooner when it polls
+# more often.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 from ray_inspect.config import PrepareConfig, SynthConfig  # noqa: E402
 

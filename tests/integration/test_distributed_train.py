@@ -100,10 +100,10 @@ def _train_cmd(patches, model, storage, name, epochs):
 def test_driver_interrupted_rerun_finishes_identically(patches, tmp_path):
     storage = str(tmp_path / "runs")
     env = {**os.environ, "RAY_ADDRESS": ""}
-    ref = subprocess.run(_train_cmd(patches, str(tmp_path / "ref"), storage, "ref", 4), env=env,
+    ref = subprocess.run(_train_cmd(patches, str(tmp_path / "ref"), storage, "ref", 3), env=env,
                          capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    cmd = _train_cmd(patches, str(tmp_path / "m"), storage, "resume", 4)
+    cmd = _train_cmd(patches, str(tmp_path / "m"), storage, "resume", 3)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -115,41 +115,13 @@ def test_driver_interrupted_rerun_finishes_identically(patches, tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     # the last checkpoint the killed run had registered (epoch 1 or 2: its folder can appear first)
-    assert re.search(r"resumed from epoch [123] ", again.stderr), again.stderr[-2000:]
+    assert re.search(r"resumed from epoch [12] ", again.stderr), again.stderr[-2000:]
     a, b = load_model(str(tmp_path / "ref")), load_model(str(tmp_path / "m"))
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0)
 
 
-def test_s3_patches_to_s3_storage(ray_session, s3, patches, tmp_path):
-    import zarr
-
-    src = open_patches(patches)
-    url = s3.url("train", "p.zarr")
-    arr = zarr.create_array(store=url, shape=src.shape, chunks=src.chunks, dtype="uint8",
-                            storage_options={"endpoint_url": s3.endpoint}, attributes=dict(src.attrs))
-    arr[:] = src[:]
-    model_url = s3.url("models", "ssim")
-    card = fit(url, model_url, ModelConfig(latent=16), TrainConfig(epochs=2, batch_size=64),
-               RunConfig(workers=2, storage=s3.url("runs"), run_name="s3run"))
-    assert read_card(model_url).weights_sha256 == card.weights_sha256
-    from ray_inspect.io import storage
-
-    assert any("epoch-00002" in u for u in storage.find(s3.url("runs", "s3run")))
-
-
-@pytest.mark.slow
-def test_training_is_deterministic(ray_session, patches, tmp_path):
-    cards = []
-    for i in range(2):
-        run = RunConfig(storage=str(tmp_path / "runs"), run_name=f"det{i}")
-        cards.append(fit(patches, str(tmp_path / f"m{i}"), ModelConfig(latent=16),
-                         TrainConfig(epochs=1, batch_size=64), run))
-    assert cards[0].weights_sha256 == cards[1].weights_sha256
-    assert cards[0].patches["fingerprint"] == open_patches(patches).attrs["fingerprint"]
-
-
-LAYOUTS = {"1 chunk": (256, 256), "3 unequal chunks": (300, 128), "10 chunks": (320, 32)}   # (patches, chunk)
+LAYOUTS = {"1 chunk": (256, 256), "3 unequal chunks": (160, 64), "10 chunks": (100, 10)}   # (patches, chunk)
 
 
 def _layout(dataset, url, name):
@@ -163,13 +135,15 @@ def _layout(dataset, url, name):
 
 def _fit_layout(patches_url, n, workers, storage_url, name, model_url):
     seen = []
-    fit(patches_url, model_url, ModelConfig(latent=16),
-        TrainConfig(epochs=1, batch_size=32, precision="float32"),
-        RunConfig(workers=workers, storage=storage_url, run_name=name, max_failures=0),
-        hooks=TrainHooks(on_epoch=seen.append))
+    card = fit(patches_url, model_url, ModelConfig(latent=16),
+               TrainConfig(epochs=1, batch_size=32, precision="float32"),
+               RunConfig(workers=workers, storage=storage_url, run_name=name, max_failures=0),
+               hooks=TrainHooks(on_epoch=seen.append))
     assert [m["epoch"] for m in seen] == [1]
     assert all(m["ranks_in_sync"] and m["workers"] == workers for m in seen)   # the parameter digest
     assert [m["patches"] for m in seen] == [n]          # every patch once (see tests/unit/test_training.py)
+    assert card.patches["fingerprint"] == open_patches(patches_url).attrs["fingerprint"]
+    assert read_card(model_url).weights_sha256 == card.weights_sha256     # the model, where it was asked
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -187,6 +161,7 @@ def test_any_layout_feeds_three_workers_from_s3(ray_session, s3, dataset, layout
     n = _layout(dataset, storage.join(base, "p.zarr"), layout)
     _fit_layout(storage.join(base, "p.zarr"), n, 3, storage.join(base, "runs"), "layout",
                 storage.join(base, "model"))
+    assert any("epoch-00001" in u for u in storage.find(storage.join(base, "runs", "layout")))  # checkpoints
 
 
 def test_a_store_too_small_for_the_workers_fails_in_one_line(ray_session, dataset, tmp_path):
