@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -158,15 +159,21 @@ def synth(out, texture, n_train, n_test, n_good, n_val, size, seed, as_json):  #
 @click.option("--json", "as_json", is_flag=True)
 def prepare(dataset, patches, n, short_side, scale, channels, chunk, seed, as_json):  # noqa: PLR0913 - one argument per click option
     """Crop random 128x128 training patches of DATASET into a Zarr v3 array at PATCHES."""
-    from ray_inspect.io.patches import check_output, scale_reason
     from ray_inspect.io.patches import prepare as run
+    from ray_inspect.io.patches import scale_reason
 
     side = None if short_side.lower() == "none" else int(short_side)
     cfg = PrepareConfig(patches=n, short_side=side, scale=scale, channels=int(channels), chunk=chunk,
                         seed=seed)
-    check_output(dataset, patches)                     # before the progress bar: a refusal is one line
-    with click.progressbar(length=n, label="patches", file=sys.stderr) as bar:
-        attrs = run(dataset, patches, cfg, progress=bar.update)
+    with contextlib.ExitStack() as stack:
+        bar = []        # opened with the first patch: an input refused before it stays a one-line error
+
+        def progress(k: int) -> None:
+            if not bar:
+                bar.append(stack.enter_context(click.progressbar(length=n, label="patches", file=sys.stderr)))
+            bar[0].update(k)
+
+        attrs = run(dataset, patches, cfg, progress=progress)
     _emit(attrs, as_json,
           f"{patches}: {n} patches from {attrs['images']} images, fingerprint {attrs['fingerprint']}\n"
           f"{scale_reason(attrs, cfg)}")
