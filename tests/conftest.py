@@ -10,6 +10,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Ray Train's controller polls its workers every 2 s: the tests' short runs end sooner when it polls
 # more often.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train watches for preempted nodes with one more actor per run; a local test Ray has none to lose.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from ray_inspect.config import PrepareConfig, SynthConfig  # noqa: E402
 

@@ -23,7 +23,9 @@ def ray_session(s3):  # noqa: F811 - the fixture above, requested by name
 
 @pytest.fixture(scope="session")
 def trained_model(ray_session, patches, tmp_path_factory):
-    """An SSIM-AE trained on Ray Train for two short epochs (enough for real, non-flat reconstructions)."""
+    """An SSIM-AE trained on Ray Train for two short epochs (enough for real, non-flat reconstructions).
+    It is also the uninterrupted run that test_distributed_train's resumed command-line run must equal:
+    change both together."""
     from ray_inspect.config import RunConfig
     from ray_inspect.distributed.train import fit
 

@@ -58,18 +58,6 @@ def test_synth_scan_report_json(trained_model, dataset, tmp_path):
     assert "pixel AUROC" in res.stdout and "AU-PRO" in res.stdout
 
 
-@pytest.mark.slow
-def test_train_with_relative_paths(ray_session, patches, tmp_path, monkeypatch):
-    """Ray Train workers run in another working directory: relative paths must still work."""
-    shutil.copytree(patches, tmp_path / "p.zarr")
-    monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(main, ["train", "p.zarr", "model", "--epochs", "1", "--latent", "8",
-                                    "--storage", "runs", "--run-name", "rel", "--json"])
-    assert res.exit_code == 0, res.output
-    assert (tmp_path / "model" / "card.json").exists()
-    assert (tmp_path / "runs" / "rel" / "epoch-00001").exists()
-
-
 def test_training_failure_cause_is_the_first_failed_workers_exception():
     from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 

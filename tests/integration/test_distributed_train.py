@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,22 +15,10 @@ import torch
 
 from ray_inspect.config import ModelConfig, RunConfig, TrainConfig
 from ray_inspect.distributed.train import TrainHooks, fit
-from ray_inspect.io.artifact import load_model, read_card
+from ray_inspect.io.artifact import load_model
 from ray_inspect.io.patches import open_patches
 
 pytestmark = pytest.mark.slow
-
-
-def test_two_workers_stay_in_sync_and_loss_falls(ray_session, patches, tmp_path):
-    seen = []
-    card = fit(patches, str(tmp_path / "m"), ModelConfig(latent=16), TrainConfig(epochs=3, batch_size=32),
-               RunConfig(workers=2, storage=str(tmp_path / "runs"), run_name="sync"),
-               hooks=TrainHooks(on_epoch=seen.append))
-    assert [m["epoch"] for m in seen] == [1, 2, 3]
-    assert all(m["ranks_in_sync"] and m["workers"] == 2 for m in seen)
-    assert seen[-1]["loss"] < seen[0]["loss"]
-    assert card.training["workers"] == 2 and card.training["epochs_run"] == 3
-    assert load_model(str(tmp_path / "m")).card.weights_sha256 == card.weights_sha256
 
 
 def _own_train_workers() -> list[psutil.Process]:
@@ -50,7 +39,7 @@ def test_worker_killed_resumes_from_last_checkpoint(ray_session, patches, tmp_pa
     seen = []
     def killer():
         deadline = time.time() + 600   # a CPU without bf16 instructions takes about a minute per epoch
-        while time.time() < deadline and not any(m["epoch"] >= 3 for m in seen):
+        while time.time() < deadline and not any(m["epoch"] >= 2 for m in seen):
             time.sleep(0.05)
         for p in _own_train_workers():
             p.send_signal(signal.SIGKILL)
@@ -58,16 +47,17 @@ def test_worker_killed_resumes_from_last_checkpoint(ray_session, patches, tmp_pa
 
     t = threading.Thread(target=killer)
     t.start()
-    fit(patches, str(tmp_path / "m"), ModelConfig(latent=16), TrainConfig(epochs=7, batch_size=64),
+    fit(patches, str(tmp_path / "m"), ModelConfig(latent=16), TrainConfig(epochs=5, batch_size=64),
         RunConfig(workers=2, storage=str(tmp_path / "runs"), run_name="fault", max_failures=2),
         hooks=TrainHooks(on_epoch=seen.append))
     t.join()
     epochs = [m["epoch"] for m in seen]
-    assert sorted(set(epochs)) == list(range(1, 8))
+    assert sorted(set(epochs)) == list(range(1, 6))
     restart = max(m["resumed_from"] for m in seen)     # the checkpoint the restarted worker group loaded
-    assert restart >= 2                                # at least the checkpoint reported before the kill
+    assert restart >= 1                                # a checkpoint from before the kill
     assert all(epochs.count(e) == 1 for e in range(1, restart + 1))   # epochs before it never ran again
-    assert len(epochs) > 7                             # something was in fact redone after the kill
+    # every epoch after it ran in the restarted group, whether or not the first group had reported it
+    assert {m["epoch"] for m in seen if m["resumed_from"] == restart} == set(range(restart + 1, 6))
 
 
 def test_epoch_callback_error_is_raised_after_training(ray_session, patches, tmp_path):
@@ -91,32 +81,37 @@ def test_epoch_callback_error_is_raised_after_training(ray_session, patches, tmp
     assert card.training["epochs_run"] == 2 and (tmp_path / "m" / "card.json").exists()
 
 
-def _train_cmd(patches, model, storage, name, epochs):
-    return [sys.executable, "-m", "ray_inspect.cli", "train", patches, model, "--latent", "16", "--epochs",
-            str(epochs), "--batch-size", "64", "--workers", "1", "--storage", storage, "--run-name", name,
-            "--checkpoint-every", "1"]
+def test_interrupted_driver_rerun_resumes_and_ends_like_an_uninterrupted_run(
+        ray_session, trained_model, patches, tmp_path, monkeypatch):
+    """The driver and the local Ray it started are killed after the first checkpoint. The rerun, through
+    the command line with relative paths (Ray Train workers run in another directory), resumes there
+    and ends with exactly the weights of an uninterrupted run of the same settings: the session's
+    trained_model (conftest.py)."""
+    from click.testing import CliRunner
 
+    from ray_inspect.cli import main
 
-def test_driver_interrupted_rerun_finishes_identically(patches, tmp_path):
-    storage = str(tmp_path / "runs")
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    ref = subprocess.run(_train_cmd(patches, str(tmp_path / "ref"), storage, "ref", 3), env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    cmd = _train_cmd(patches, str(tmp_path / "m"), storage, "resume", 3)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (tmp_path / "runs" / "resume" / "epoch-00002").exists():
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)       # the driver and the local Ray it started
-    proc.wait()
+    shutil.copytree(patches, tmp_path / "p.zarr")
+    args = ["train", "p.zarr", "m", "--epochs", "2", "--batch-size", "32", "--seed", "0", "--workers", "1",
+            "--storage", "runs", "--run-name", "resume", "--checkpoint-every", "1"]
+    with open(tmp_path / "killed.log", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ray_inspect.cli", *args], cwd=tmp_path,
+                                env={**os.environ, "RAY_ADDRESS": ""}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and not (tmp_path / "runs" / "resume" / "epoch-00001").exists():
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)       # the driver and the local Ray it started
+        proc.wait()
+    killed_log = (tmp_path / "killed.log").read_text()
+    assert (tmp_path / "runs" / "resume" / "epoch-00001").exists(), killed_log[-2000:]
     assert not (tmp_path / "m" / "card.json").exists()
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    # the last checkpoint the killed run had registered (epoch 1 or 2: its folder can appear first)
+    monkeypatch.chdir(tmp_path)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output[-2000:]
+    # the last checkpoint the killed run had registered (epoch 1, or 2 if the kill came that late)
     assert re.search(r"resumed from epoch [12] ", again.stderr), again.stderr[-2000:]
-    a, b = load_model(str(tmp_path / "ref")), load_model(str(tmp_path / "m"))
+    a, b = load_model(trained_model), load_model(str(tmp_path / "m"))
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0)
 
@@ -133,34 +128,41 @@ def _layout(dataset, url, name):
     return n
 
 
-def _fit_layout(patches_url, n, workers, storage_url, name, model_url):
+def _fit_layout(patches_url, n, workers, storage_url, model_url, epochs=1):
     seen = []
     card = fit(patches_url, model_url, ModelConfig(latent=16),
-               TrainConfig(epochs=1, batch_size=32, precision="float32"),
-               RunConfig(workers=workers, storage=storage_url, run_name=name, max_failures=0),
+               TrainConfig(epochs=epochs, batch_size=32, precision="float32"),
+               RunConfig(workers=workers, storage=storage_url, run_name="layout", max_failures=0),
                hooks=TrainHooks(on_epoch=seen.append))
-    assert [m["epoch"] for m in seen] == [1]
+    assert [m["epoch"] for m in seen] == list(range(1, epochs + 1))
     assert all(m["ranks_in_sync"] and m["workers"] == workers for m in seen)   # the parameter digest
-    assert [m["patches"] for m in seen] == [n]          # every patch once (see tests/unit/test_training.py)
+    assert [m["patches"] for m in seen] == [n] * epochs  # every patch once (see tests/unit/test_training.py)
     assert card.patches["fingerprint"] == open_patches(patches_url).attrs["fingerprint"]
-    assert read_card(model_url).weights_sha256 == card.weights_sha256     # the model, where it was asked
+    assert card.training["workers"] == workers and card.training["epochs_run"] == epochs
+    assert load_model(model_url).card.weights_sha256 == card.weights_sha256   # the model, where it was asked
+    return seen
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("workers", [2, 3])
-def test_any_layout_feeds_any_number_of_workers(ray_session, dataset, tmp_path, layout, workers):
-    n = _layout(dataset, str(tmp_path / "p.zarr"), layout)
-    _fit_layout(str(tmp_path / "p.zarr"), n, workers, str(tmp_path / "runs"), "layout", str(tmp_path / "m"))
+# Ray Train runs of the layouts that once made gloo abort: more workers than chunks, chunks of unequal
+# size, more chunks than workers; local and S3 storage. Every (patches, chunk, workers, batch)
+# combination is checked without Ray in tests/unit/test_training.py (same steps on every rank).
+def test_more_chunks_than_workers_two_workers_stay_in_sync_and_the_loss_falls(ray_session, dataset, tmp_path):
+    n = _layout(dataset, str(tmp_path / "p.zarr"), "10 chunks")
+    seen = _fit_layout(str(tmp_path / "p.zarr"), n, 2, str(tmp_path / "runs"), str(tmp_path / "m"), epochs=3)
+    assert seen[-1]["loss"] < seen[0]["loss"]
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_any_layout_feeds_three_workers_from_s3(ray_session, s3, dataset, layout):
+def test_more_workers_than_chunks(ray_session, dataset, tmp_path):
+    n = _layout(dataset, str(tmp_path / "p.zarr"), "1 chunk")
+    _fit_layout(str(tmp_path / "p.zarr"), n, 3, str(tmp_path / "runs"), str(tmp_path / "m"))
+
+
+def test_unequal_chunks_feed_three_workers_from_s3(ray_session, s3, dataset):
     from ray_inspect.io import storage
 
     base = s3.url("layouts", storage.unique_suffix())
-    n = _layout(dataset, storage.join(base, "p.zarr"), layout)
-    _fit_layout(storage.join(base, "p.zarr"), n, 3, storage.join(base, "runs"), "layout",
-                storage.join(base, "model"))
+    n = _layout(dataset, storage.join(base, "p.zarr"), "3 unequal chunks")
+    _fit_layout(storage.join(base, "p.zarr"), n, 3, storage.join(base, "runs"), storage.join(base, "model"))
     assert any("epoch-00001" in u for u in storage.find(storage.join(base, "runs", "layout")))  # checkpoints
 
 
