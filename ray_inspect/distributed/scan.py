@@ -29,7 +29,7 @@ from typing import Any, TypedDict, Unpack
 from ray_inspect.config import InspectConfig, MetricsConfig, ScanOptions
 from ray_inspect.core.evaluation import Evaluation
 from ray_inspect.io import storage
-from ray_inspect.io.artifact import ModelCard, read_card
+from ray_inspect.io.artifact import ModelCard, load_model
 from ray_inspect.io.datasets import Sample, list_samples
 from ray_inspect.records import FailureKind, ImageRecord, InputError, Outcome, ScanError, ScanProgress
 from ray_inspect.steps.imagescan import ScanTarget, output_stems, output_urls, scan_image
@@ -74,19 +74,18 @@ class ScanActor:
     """One model on one device; ``scan`` runs in a few threads at once, at most ``slots`` of them
     computing (each with ``threads`` threads for torch and OpenCV) while the others read or write."""
 
-    def __init__(self, model_url: str, cfg: InspectConfig, threshold: float | None, target: ScanTarget,
-                 threads: int, slots: int = 1):
+    def __init__(self, model_url: str, card: ModelCard, cfg: InspectConfig, threshold: float | None,  # noqa: PLR0913 - the plan's parts an actor needs
+                 target: ScanTarget, threads: int, slots: int = 1):
         import cv2
         import ray
         import torch
 
-        from ray_inspect.io.artifact import load_model
         from ray_inspect.steps.inspector import Inspector
 
         torch.set_num_threads(max(1, threads))
         cv2.setNumThreads(max(1, threads))
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        model = load_model(model_url, device)
+        model = load_model(model_url, device, card)   # the driver's card: the weights it checked
         self.inspector = Inspector(model, model.card, cfg, threshold, device, stats=model.normaliser)
         self.target = target
         self.compute_slots = threading.BoundedSemaphore(max(1, slots))          # images computing
@@ -317,12 +316,13 @@ class ScanPlan:
     @classmethod
     def create(cls, model_url: str, source: str, out: str, cfg: InspectConfig, threshold: float | None,
                metrics_cfg: MetricsConfig) -> ScanPlan:
-        """Read the model's card; ``threshold`` None takes the card's."""
+        """Load the model once (card, weights and checksum checked: a bad model is one line here,
+        before any actor starts); ``threshold`` None takes the card's."""
         model_url, source, out = (storage.absolute(u) for u in (model_url, source, out))
         if storage.contains(out, source):
             raise ValueError(f"{source}: the source lies inside the scan's output {out} (its own outputs "
                              "would be scanned and overwritten); give an OUT outside it")
-        card = read_card(model_url)
+        card = load_model(model_url).card
         threshold = card.threshold if threshold is None else threshold
         fingerprint = scan_fingerprint(card, cfg, threshold, metrics_cfg)
         return cls(model_url, source, out, card, cfg, threshold, metrics_cfg, fingerprint)
@@ -431,7 +431,7 @@ def _dispatch(run: _Run, queue: deque[_Item], shape: _Shape, workers: int) -> No
     remote = ray.remote(ScanActor).options(num_cpus=shape.cpus, num_gpus=shape.gpus,
                                            max_concurrency=shape.concurrency, max_restarts=0,
                                            runtime_env=_actor_env(shape))
-    args = (plan.model_url, plan.cfg, plan.threshold, plan.target(), shape.threads, shape.slots)
+    args = (plan.model_url, plan.card, plan.cfg, plan.threshold, plan.target(), shape.threads, shape.slots)
     pool = _Pool(remote, args, workers if queue else 0, shape.depth)
     run.telemetry.actors(len(pool.actors))
     while queue or pool.inflight:

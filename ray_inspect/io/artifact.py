@@ -10,7 +10,9 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import math
 import platform
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -26,6 +28,8 @@ from ray_inspect.io.images import scaled_shape
 
 CARD = "card.json"
 FORMAT = 1
+ARCHITECTURE = "bergmann2019-cae"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def score_range(loss: str) -> tuple[float, float]:
@@ -63,7 +67,7 @@ class ModelCard:
     created: str = ""
     weights: str = ""
     weights_sha256: str = ""
-    architecture: str = "bergmann2019-cae"
+    architecture: str = ARCHITECTURE
     format: int = FORMAT
 
     def processing_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -122,28 +126,92 @@ def save_model(url: str, model: nn.Module, card: ModelCard) -> ModelCard:
     return card
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _sha256(v: Any) -> bool:
+    return isinstance(v, str) and _SHA256.fullmatch(v) is not None
+
+
+def _file_name(v: Any) -> bool:
+    """A plain file name inside the model directory: no separators, not '.' or '..'."""
+    return isinstance(v, str) and bool(v) and v not in (".", "..") and not re.search(r"[/\\\x00]", v)
+
+
+def _card_problem(d: Any) -> str | None:
+    """What makes a card's JSON unusable, in a few words, or None. Cards come from outside (object
+    stores, other teams): every field the scan reads is checked before anything runs on it."""
+    if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
+        return "no model section"
+    m = d["model"]
+    checks = [
+        (d.get("format", FORMAT) == FORMAT, f"format {d.get('format')!r}, this version reads {FORMAT}"),
+        (d.get("architecture", ARCHITECTURE) == ARCHITECTURE, f"architecture {d.get('architecture')!r}"),
+        (all(_positive_int(m.get(k, 1)) for k in ("latent", "channels", "patch", "vae_samples")),
+         "model sizes must be positive integers"),
+        (_number(m.get("fm_lambda", 1.0)), "fm_lambda must be a number"),
+        (d.get("resize") is None or _positive_int(d["resize"]), "resize must be a positive integer or null"),
+        (d.get("scale") is None or (_number(d["scale"]) and d["scale"] > 0),
+         "scale must be a positive number"),
+        (not d.get("source_size") or (isinstance(d["source_size"], list) and len(d["source_size"]) == 2
+                                      and all(_positive_int(v) for v in d["source_size"])),
+         "source_size must be two positive integers"),
+        (d.get("threshold") is None or _number(d["threshold"]), "threshold must be a number or null"),
+        ("score_range" not in d or (isinstance(d["score_range"], list) and len(d["score_range"]) == 2
+                                    and all(_number(v) for v in d["score_range"])
+                                    and d["score_range"][0] < d["score_range"][1]),
+         "score_range must be two increasing numbers"),
+        (_file_name(d.get("weights")), "weights must name a file in the model directory"),
+        (_sha256(d.get("weights_sha256")), "weights_sha256 must be a sha256 hex digest"),
+        (not d.get("normaliser") or (_file_name(d["normaliser"]) and _sha256(d.get("normaliser_sha256"))),
+         "normaliser must name a file in the model directory, with its sha256"),
+    ]
+    return next((why for ok, why in checks if not ok), None)
+
+
 def read_card(url: str) -> ModelCard:
+    """The card of a model directory, checked field by field; a bad one raises one line naming it."""
+    path = storage.join(url, CARD)
     try:
-        return ModelCard.from_json(storage.read_text(storage.join(url, CARD)))
+        text = storage.read_text(path)
     except storage.StorageError:
         raise storage.StorageError(f"{url}: not a model directory (no readable {CARD})") from None
+    try:
+        problem = _card_problem(json.loads(text))
+        if problem:
+            raise ValueError(problem)
+        return ModelCard.from_json(text)
     except (KeyError, ValueError, TypeError) as exc:
-        raise ValueError(f"{storage.join(url, CARD)}: invalid model card ({exc})") from None
+        raise ValueError(f"{path}: invalid model card ({exc})") from None
 
 
 def write_card(url: str, card: ModelCard) -> None:
     storage.write_text(storage.join(url, CARD), card.to_json())
 
 
-def load_model(url: str, device: str | torch.device = "cpu") -> nn.Module:
-    """The trained model in eval mode, its card as ``model.card``; weights load with weights_only=True."""
-    card = read_card(url)
-    data = storage.read_bytes(storage.join(url, card.weights))
-    if card.weights_sha256 and hashlib.sha256(data).hexdigest() != card.weights_sha256:
-        raise ValueError(f"{storage.join(url, card.weights)}: checksum does not match the card")
-    state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+def load_model(url: str, device: str | torch.device = "cpu", card: ModelCard | None = None) -> nn.Module:
+    """The trained model in eval mode, its card as ``model.card``; weights load with weights_only=True.
+
+    ``card``: the card already read (a scan's driver hands its card to every actor, so a model
+    retrained into the same directory mid-scan cannot mix in). Every failure is one line naming
+    the file: missing weights, a checksum that does not match, weights of another model.
+    """
+    card = card or read_card(url)
+    path = storage.join(url, card.weights)
+    data = storage.read_bytes(path)
+    if hashlib.sha256(data).hexdigest() != card.weights_sha256:
+        raise ValueError(f"{path}: checksum does not match the card")
     model = build_model(card.model)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(torch.load(io.BytesIO(data), map_location=device, weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - unpickling or shape errors: one line, never a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: weights do not fit the card's model ({first[:200]})") from None
     model.card = card
     model.normaliser = load_normaliser(url, card)
     return model.eval().to(device)

@@ -1,6 +1,7 @@
 """The model card: one scale factor for every image, the score options, the normaliser file."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +67,110 @@ def test_normaliser_file_round_trips_and_is_checked(tmp_path):
     (tmp_path / "m" / name).write_bytes(b"tampered")
     with pytest.raises(ValueError, match="checksum"):
         load_normaliser(url, read_card(url))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A small model directory: (URL, card)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(latent=8)
+    url = str(tmp_path / "m")
+    return url, save_model(url, build_model(cfg), ModelCard(model=cfg, resize=None, scale=0.5, threshold=0.3))
+
+
+BAD_FIELDS = {   # what an upstream system or an attacker could put in card.json
+    "format from the future": ("format", 99),
+    "another architecture": ("architecture", "resnet50"),
+    "latent as a string": ("model", {"loss": "ssim", "latent": "100"}),
+    "unknown loss": ("model", {"loss": "magic"}),
+    "empty source size": ("source_size", [0, 0]),
+    "negative scale": ("scale", -1),
+    "scale as a string": ("scale", "0.5"),
+    "threshold as a string": ("threshold", "high"),
+    "threshold not finite": ("threshold", float("nan")),
+    "weights outside the directory": ("weights", "../other/weights.pt"),
+    "weights at an absolute path": ("weights", "/etc/passwd"),
+    "weights with a backslash": ("weights", "..\\weights.pt"),
+    "empty checksum": ("weights_sha256", ""),
+    "score range upside down": ("score_range", [2.0, 0.0]),
+    "normaliser outside the directory": ("normaliser", "../n.npz"),
+}
+
+
+@pytest.mark.parametrize("field, value", list(BAD_FIELDS.values()), ids=list(BAD_FIELDS))
+def test_an_invalid_card_field_is_one_line_naming_the_card(saved, field, value):
+    url, _ = saved
+    path = Path(url) / "card.json"
+    data = json.loads(path.read_text())
+    data[field] = value
+    path.write_text(json.dumps(data))
+    for load in (read_card, load_model):
+        with pytest.raises(ValueError, match="invalid model card") as raised:
+            load(url)
+        assert str(raised.value).startswith(str(path)) and "\n" not in str(raised.value)
+
+
+def test_a_card_that_is_not_json_is_one_line(saved):
+    url, _ = saved
+    (Path(url) / "card.json").write_text('{"model": ')
+    with pytest.raises(ValueError, match=r"card.json: invalid model card"):
+        read_card(url)
+
+
+def test_missing_corrupted_or_swapped_weights_are_one_line_naming_the_file(saved, tmp_path):
+    from ray_inspect.io.storage import StorageError
+
+    url, card = saved
+    weights = tmp_path / "m" / card.weights
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))                  # one bit flipped
+    with pytest.raises(ValueError, match="checksum does not match") as raised:
+        load_model(url)
+    assert str(raised.value).startswith(str(weights))
+    weights.unlink()
+    with pytest.raises((StorageError, FileNotFoundError), match=card.weights):
+        load_model(url)
+    other = save_model(str(tmp_path / "other"), build_model(ModelConfig(latent=16)),
+                       ModelCard(model=ModelConfig(latent=16)))
+    swapped = (tmp_path / "other" / other.weights).read_bytes()   # another model's weights, its checksum
+    weights.write_bytes(swapped)
+    write_card(url, ModelCard(**{**card.__dict__, "weights_sha256": other.weights_sha256}))
+    with pytest.raises(ValueError, match="weights do not fit the card's model") as raised:
+        load_model(url)
+    assert "\n" not in str(raised.value)
+
+
+def test_the_card_given_is_the_card_used_even_after_a_retrain_into_the_same_directory(saved):
+    """A scan's actors load the weights of the card the driver checked, not whatever card.json says
+    by the time they start."""
+    url, card = saved
+    torch.manual_seed(1)
+    save_model(url, build_model(ModelConfig(latent=8)), card)      # retrained: new weights, new card
+    assert read_card(url).weights_sha256 != card.weights_sha256
+    first = load_model(url, card=card)
+    assert first.card == card
+    state = torch.load(f"{url}/{card.weights}", weights_only=True)
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_scan_and_calibrate_refuse_a_bad_model_in_one_line_before_any_actor_starts(saved, tmp_path):
+    import ray
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from ray_inspect.cli import main
+
+    url, card = saved
+    (tmp_path / "src").mkdir()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "src" / "a.png")
+    weights = tmp_path / "m" / card.weights
+    weights.write_bytes(weights.read_bytes()[:-8])                           # a truncated upload
+    assert not ray.is_initialized()
+    for args in (["scan", url, str(tmp_path / "src"), str(tmp_path / "out")],
+                 ["calibrate", url, str(tmp_path / "src"), "--fpr", "0.01"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2, res.output
+        assert res.stderr.strip() == f"ray-inspect: error: {weights}: checksum does not match the card"
+    assert not ray.is_initialized()                                          # no Ray, so no actor
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and not (tmp_path / "out" / "records").exists()

@@ -1,5 +1,6 @@
 """Table 1 architecture, initialisation, artifact round trip, AlexNet features."""
 
+import hashlib
 import json
 
 import pytest
@@ -75,10 +76,11 @@ def test_load_refuses_pickled_code(tmp_path):
     data = pickle.dumps({"x": Evil()})
     (url / card.weights).write_bytes(data)
     card_json = json.loads((url / "card.json").read_text())
-    card_json["weights_sha256"] = ""
+    card_json["weights_sha256"] = hashlib.sha256(data).hexdigest()    # a card made to match the file
     (url / "card.json").write_text(json.dumps(card_json))
-    with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
+    with pytest.raises(ValueError, match="Weights only load failed|Unsupported") as raised:
         load_model(str(url))
+    assert "\n" not in str(raised.value) and card.weights in str(raised.value)
 
 
 def test_alexnet_features_from_file(tmp_path):
