@@ -154,23 +154,26 @@ def test_the_card_given_is_the_card_used_even_after_a_retrain_into_the_same_dire
         assert torch.equal(v, state[k])
 
 
-def test_scan_and_calibrate_refuse_a_bad_model_in_one_line_before_any_actor_starts(saved, tmp_path):
-    import ray
+def test_scan_and_calibrate_refuse_a_bad_model_in_one_line_before_any_actor_starts(saved, tmp_path,
+                                                                                   monkeypatch):
     from click.testing import CliRunner
     from PIL import Image
 
     from ray_inspect.cli import main
+    from ray_inspect.distributed import cluster
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started or joined for a model that cannot load")
+
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)      # where the scan starts or joins Ray
     url, card = saved
     (tmp_path / "src").mkdir()
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "src" / "a.png")
     weights = tmp_path / "m" / card.weights
     weights.write_bytes(weights.read_bytes()[:-8])                           # a truncated upload
-    assert not ray.is_initialized()
     for args in (["scan", url, str(tmp_path / "src"), str(tmp_path / "out")],
                  ["calibrate", url, str(tmp_path / "src"), "--fpr", "0.01"]):
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2, res.output
         assert res.stderr.strip() == f"ray-inspect: error: {weights}: checksum does not match the card"
-    assert not ray.is_initialized()                                          # no Ray, so no actor
     assert not (tmp_path / "out" / "_SUCCESS").exists() and not (tmp_path / "out" / "records").exists()
