@@ -236,15 +236,17 @@ def find_versions(url: str) -> dict[str, str]:
 
 
 def relative(url: str, root: str) -> str:
-    """Path of ``url`` below ``root``, with forward slashes."""
+    """Path of ``url`` below ``root``, with forward slashes. Names that merely start with two dots
+    (``..hidden.png``) are below it; a ``..`` segment is not."""
     if is_local(url) and is_local(root):
         rel = os.path.relpath(os.path.abspath(local_path(url)), os.path.abspath(local_path(root)))
+        rel = rel.replace(os.sep, "/")
     else:
         u, r = url.split("://", 1)[-1], root.split("://", 1)[-1].rstrip("/")
         rel = u[len(r) + 1:] if u.startswith(r + "/") else ".."
-    if rel.startswith(".."):
+    if rel == ".." or rel.startswith("../"):
         raise ValueError(f"{url} is not below {root}")
-    return rel.replace(os.sep, "/")
+    return rel
 
 
 @_storage_call("remove")

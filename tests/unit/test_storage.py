@@ -31,6 +31,23 @@ def test_find_relative_and_errors(tmp_path):
     assert storage.join("s3://b/p/", "q", "r.png") == "s3://b/p/q/r.png"
 
 
+def test_names_that_start_with_two_dots_are_below_the_root_and_listed(tmp_path):
+    """``..hidden.png`` and ``..dir/`` are ordinary names; only a ``..`` segment leaves the root."""
+    from PIL import Image
+
+    from ray_inspect.io.datasets import list_samples
+
+    for rel in ("..hidden.png", "..dir/b.png", "a.png"):
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(tmp_path / "src" / rel)
+    root = str(tmp_path / "src")
+    assert sorted(s.key for s in list_samples(root)) == ["..dir/b.png", "..hidden.png", "a.png"]
+    assert storage.relative("s3://b/src/..x/y.png", "s3://b/src") == "..x/y.png"
+    for outside in (str(tmp_path / "a.png"), "s3://b/other/y.png", "s3://b/srcx/y.png"):
+        with pytest.raises(ValueError, match="is not below"):
+            storage.relative(outside, root if outside.startswith("/") else "s3://b/src")
+
+
 def test_endpoint_from_environment(monkeypatch):
     monkeypatch.setenv(storage.ENDPOINT_ENV, "http://127.0.0.1:9")
     assert storage.storage_options("s3://b/k") == {"endpoint_url": "http://127.0.0.1:9"}
