@@ -397,7 +397,8 @@ def report(out, worst, as_json):
 
     rep = write_report(out, worst)
     data = {k: rep[k] for k in SUMMARY_KEYS}
-    data.update({"metrics": rep["metrics"], "scan": rep["scan"], "written": rep["written"]})
+    data.update({"metrics": rep["metrics"], "scan": rep["scan"], "written": rep["written"],
+                 "ignored_records": rep["ignored_records"]})
     _emit(data, as_json, summary_table(rep) + "\n" + "\n".join(f"wrote {w}" for w in rep["written"]))
 
 

@@ -12,7 +12,7 @@ import tifffile
 from ray_inspect.core.metrics import PixelROC
 from ray_inspect.io import storage
 from ray_inspect.io.images import read_image, read_mask
-from ray_inspect.records import ImageRecord
+from ray_inspect.records import ImageRecord, InputError
 from ray_inspect.steps.imagescan import output_urls
 
 matplotlib.use("Agg")
@@ -22,12 +22,24 @@ OVERLAY_MAX_PIXELS = 4096 * 4096   # larger images are not drawn (a figure could
 SUMMARY_KEYS = ("pixel_auroc", "au_pro", "image_auroc", "pixel_auroc_opened", "au_pro_opened")
 
 
-def load_records(out: str) -> list[ImageRecord]:
-    """The records of a scan's images (records/**/*.json)."""
+def load_records(out: str, fingerprint: str | None = None) -> tuple[list[ImageRecord], int]:
+    """The records below OUT/records that carry the scan's ``fingerprint`` (all, when None), and how
+    many others it left out: records of an earlier scan with other settings, or unreadable ones."""
     base = storage.join(out, "records")
     if not storage.exists(base):
-        return []
-    return [ImageRecord.from_json(storage.read_text(u)) for u in storage.find(base) if u.endswith(".json")]
+        return [], 0
+    kept, ignored = [], 0
+    for url in (u for u in storage.find(base) if u.endswith(".json")):
+        try:
+            rec = ImageRecord.from_json(storage.read_text(url))
+        except (ValueError, KeyError, TypeError, storage.StorageError):
+            ignored += 1
+            continue
+        if fingerprint is None or rec.fingerprint == fingerprint:
+            kept.append(rec)
+        else:
+            ignored += 1
+    return kept, ignored
 
 
 def load_report(out: str) -> dict:
@@ -52,6 +64,9 @@ def summary_table(rep: dict) -> str:
             rows.append((label, f"{rep[k]:.4f}"))
     if scan.get("threshold") is not None:
         rows.append(("threshold", f"{scan['threshold']:.5g}"))
+    if rep.get("ignored_records"):
+        rows.append(("ignored", f"{rep['ignored_records']} record(s) of other scans, unreadable, or of "
+                                "inputs gone"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
 
@@ -108,8 +123,28 @@ def overlay_figure(record: ImageRecord, out: str) -> bytes:
     return _png(fig)
 
 
+def _write_overlays(out: str, records: list[ImageRecord], worst: int) -> tuple[list[str], int]:
+    """Overlays of the ``worst`` highest-scoring images that can still be drawn; returns the URLs
+    written and how many records were passed over because their input or map is gone."""
+    written, gone = [], 0
+    drawable = [r for r in records if r.height * r.width <= OVERLAY_MAX_PIXELS]
+    for rec in sorted(drawable, key=lambda r: -r.score):
+        if len(written) == worst:
+            break
+        try:
+            figure = overlay_figure(rec, out)
+        except (InputError, storage.StorageError, FileNotFoundError, OSError):
+            gone += 1
+            continue
+        url = storage.join(out, "overlays", f"{len(written):02d}_" + rec.stem.replace("/", "_") + ".png")
+        storage.write_bytes(url, figure)
+        written.append(url)
+    return written, gone
+
+
 def write_report(out: str, worst: int = 5) -> dict:
-    """Write roc.png and overlays of the ``worst`` highest-scoring images; return the summary."""
+    """Write roc.png and overlays of the ``worst`` highest-scoring images of this scan (records of
+    other scans in OUT are left out and counted); return the summary."""
     rep = load_report(out)
     written = []
     if storage.exists(storage.join(out, "stats", "roc.npz")):
@@ -119,11 +154,7 @@ def write_report(out: str, worst: int = 5) -> dict:
         if raw.defect.sum() and raw.good.sum():
             storage.write_bytes(storage.join(out, "roc.png"), roc_figure(raw, opened))
             written.append(storage.join(out, "roc.png"))
-    records = [r for r in load_records(out) if r.height * r.width <= OVERLAY_MAX_PIXELS]
-    records = sorted(records, key=lambda r: -r.score)[:worst]
-    for i, rec in enumerate(records):
-        url = storage.join(out, "overlays", f"{i:02d}_" + rec.stem.replace("/", "_") + ".png")
-        storage.write_bytes(url, overlay_figure(rec, out))
-        written.append(url)
-    rep["written"] = written
+    records, ignored = load_records(out, rep["scan"].get("scan_fingerprint"))
+    overlays, gone = _write_overlays(out, records, worst)
+    rep["written"], rep["ignored_records"] = written + overlays, ignored + gone
     return rep
