@@ -133,7 +133,7 @@ def _write_overlays(out: str, records: list[ImageRecord], worst: int) -> tuple[l
             break
         try:
             figure = overlay_figure(rec, out)
-        except (InputError, storage.StorageError, FileNotFoundError, OSError):
+        except (InputError, OSError):         # StorageError and FileNotFoundError are OSErrors
             gone += 1
             continue
         url = storage.join(out, "overlays", f"{len(written):02d}_" + rec.stem.replace("/", "_") + ".png")

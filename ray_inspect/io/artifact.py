@@ -210,8 +210,8 @@ def load_model(url: str, device: str | torch.device = "cpu", card: ModelCard | N
     try:
         model.load_state_dict(torch.load(io.BytesIO(data), map_location=device, weights_only=True))
     except Exception as exc:  # noqa: BLE001 - unpickling or shape errors: one line, never a traceback
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: weights do not fit the card's model ({first[:200]})") from None
+        why = storage.short_reason(exc)
+        raise ValueError(f"{path}: weights do not fit the card's model ({why})") from None
     model.card = card
     model.normaliser = load_normaliser(url, card)
     return model.eval().to(device)

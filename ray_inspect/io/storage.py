@@ -97,9 +97,11 @@ def contains(outer: str, inner: str) -> bool:
     return i == o or i.startswith(o.rstrip("/") + "/")
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-    return text[:200]
+def short_reason(exc: BaseException) -> str:
+    """An exception in a few words for a one-line error: its first line (at most 200 characters),
+    or its class name when it has no message."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else exc.__class__.__name__)[:200]
 
 
 try:  # botocore errors (e.g. EndpointConnectionError) are not OSErrors and escape s3fs untranslated
@@ -121,7 +123,7 @@ def _error(url: str, exc: BaseException, action: str) -> StorageError:
         return StorageError(f"{url}: permission denied")
     if isinstance(exc, IsADirectoryError):
         return StorageError(f"{url}: is a directory")
-    return StorageError(f"{url}: cannot {action} ({_short(exc)})")
+    return StorageError(f"{url}: cannot {action} ({short_reason(exc)})")
 
 
 def _storage_call(action: str):
