@@ -70,7 +70,7 @@ def _train(a: argparse.Namespace, name: str, patches: str) -> tuple[str, float]:
     t0 = time.time()
     cli("train", patches, model, "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
         "--precision", a.precision, "--storage", os.path.join(a.work, "runs"), "--run-name", name,
-        *TRAININGS[name])
+        "--seed", str(a.seed), *TRAININGS[name])
     seconds = time.time() - t0
     with open(os.path.join(model, "card.json")) as f:
         card = json.load(f)
@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--patches", type=int, default=2500)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (a new --work per seed)")
     ap.add_argument("--precision", default="bfloat16", help="float32 is used where the CPU lacks native bf16")
     ap.add_argument("--calibration-images", type=int, default=80,
                     help="defect-free training images (evenly spaced) that calibration uses")
@@ -162,7 +163,8 @@ def main() -> None:
         calib = _subset(os.path.join(root, "train", "good"), os.path.join(a.work, "calibration"),
                         a.calibration_images)
         common = {"dataset": name, "scale": scale, "date": dt.date.today().isoformat(), "machine": _machine(),
-                  "schedule": {"patches": a.patches, "epochs": a.epochs, "batch_size": a.batch_size},
+                  "schedule": {"patches": a.patches, "epochs": a.epochs, "batch_size": a.batch_size,
+                               "seed": a.seed},
                   "calibration_images": a.calibration_images}
         rows = [baseline(root, scale)] + [_row(a, root, r, patches, calib) for r in a.rows]
         for r in rows:

@@ -136,7 +136,8 @@ def _write_overlays(out: str, records: list[ImageRecord], worst: int) -> tuple[l
         except (InputError, OSError):         # StorageError and FileNotFoundError are OSErrors
             gone += 1
             continue
-        url = storage.join(out, "overlays", f"{len(written):02d}_" + rec.stem.replace("/", "_") + ".png")
+        name = storage.cap_name(f"{len(written):02d}_" + rec.stem.replace("/", "_"))
+        url = storage.join(out, "overlays", name + ".png")
         storage.write_bytes(url, figure)
         written.append(url)
     return written, gone

@@ -9,6 +9,7 @@ an AWS profile and are never logged; the endpoint of an S3-compatible store from
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import posixpath
 import shutil
@@ -249,6 +250,65 @@ def relative(url: str, root: str) -> str:
     if rel == ".." or rel.startswith("../"):
         raise ValueError(f"{url} is not below {root}")
     return rel
+
+
+# Output names: any key from outside becomes a relative path whose segments are safe to create
+# under any root, locally or on object storage, and distinct keys stay distinct.
+SEGMENT_BYTES = 200        # a segment plus the longest output suffix stays under NAME_MAX (255)
+PATH_BYTES = 700           # OUT's prefix plus a stem stays under S3's 1,024-byte keys
+_RESERVED = {"%": "%25", "\\": "%5C"}
+
+
+def _escape(ch: str) -> str:
+    """One character of a key: ``%`` and backslashes escaped, control characters and the bytes of a
+    non-UTF-8 local name (Python's surrogate escapes) percent-encoded, everything else kept."""
+    if ch in _RESERVED:
+        return _RESERVED[ch]
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:              # an undecodable byte of a local file name
+        return f"%{code - 0xDC00:02X}"
+    if code < 0x20 or code == 0x7F or 0xD800 <= code <= 0xDFFF:
+        return "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    return ch
+
+
+def _capped(name: str, limit: int) -> str:
+    """``name`` if it fits ``limit`` UTF-8 bytes, else a prefix that fits plus ``~`` and a hash
+    of the whole name (so two long names that share the prefix stay distinct)."""
+    if len(name.encode()) <= limit:
+        return name
+    digest = "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    keep = name.encode()[: limit - len(digest)].decode(errors="ignore")
+    return keep.rstrip("/") + digest
+
+
+def cap_name(name: str) -> str:
+    """A file name cut to fit any file system (``SEGMENT_BYTES`` plus an output suffix)."""
+    return _capped(name, SEGMENT_BYTES)
+
+
+def safe_path(key: str) -> str:
+    """The relative output path of an input key: segments joined by ``/``, none empty, ``.`` or
+    ``..``, so that joined onto OUT it stays below OUT.
+
+    Empty segments (``a//b``, a leading ``/``) fold into the next one as ``%2F``; ``.`` and ``..``
+    become ``%2E`` and ``%2E%2E``; ``%``, backslashes, control characters and undecodable bytes are
+    percent-encoded; segments and the whole path are capped in length. The mapping is one-to-one
+    up to the capping's hash.
+    """
+    segments, pending = [], ""
+    for seg in "".join(_escape(c) for c in key).split("/"):
+        if not seg:
+            pending += "%2F"
+            continue
+        seg = pending + seg
+        pending = ""
+        if seg in (".", ".."):
+            seg = seg.replace(".", "%2E")
+        segments.append(_capped(seg, SEGMENT_BYTES))
+    if pending:                               # a key that ends in "/"
+        segments = [*segments[:-1], segments[-1] + pending] if segments else [pending]
+    return _capped("/".join(segments), PATH_BYTES)
 
 
 @_storage_call("remove")

@@ -44,15 +44,15 @@ SPOOL_BYTES = 64 << 20   # residual maps larger than this go through a local tem
 
 
 def output_stems(keys: list[str]) -> dict[str, str]:
-    """Output path of each input: its key without the extension, or the whole key where that
-    would collide with another input's output (a.png, a.tiff; a.png beside a.png.tiff). Keys are
-    distinct, so the result is too."""
+    """Output path of each input below OUT: its key without the extension, or the whole key where
+    that would collide with another input's output (a.png, a.tiff; a.png beside a.png.tiff), made
+    safe by ``storage.safe_path`` (no segment that leaves OUT). Keys are distinct, so the result is too."""
     final = {k: posixpath.splitext(k)[0] for k in keys}
     while True:
         count = Counter(final.values())
         clashing = [k for k, s in final.items() if count[s] > 1 and s != k]
         if not clashing:
-            return final
+            return {k: storage.safe_path(s) for k, s in final.items()}
         for k in clashing:          # a stem gives way to its whole key; that only ever happens once
             final[k] = k
 

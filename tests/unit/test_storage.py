@@ -1,6 +1,7 @@
 """Atomic, idempotent writes and listing on local paths."""
 
 import os
+import posixpath
 
 import pytest
 
@@ -68,3 +69,40 @@ def test_contains_compares_whole_segments_and_resolves_links(tmp_path):
     assert not storage.contains("s3://bkt/archive", "s3://bkt/archive-scans/x")
     assert not storage.contains("s3://bkt/archive", "gs://bkt/archive/x")
     assert not storage.contains("s3://bkt/a", str(tmp_path / "a"))
+
+
+HOSTILE_KEYS = ["ok.png", "/abs/x.png", "//abs/x.png", "a//b.png", "x/../../../../etc/y.png", "..", ".", "",
+                "./a.png", "a/./b.png", "a/..", "..hidden.png", "..dir/w.png", "back\\slash.png",
+                "tab\there.png",
+                "new\nline.png", "bad\udcffname.png", "%2E%2E", "%2F.png", "a/", "a%2F", "sp ace/ünï.png",
+                "L" * 300 + ".png", "L" * 300 + ".tiff", "d/" + "x" * 1500]
+
+
+def test_safe_path_stays_below_any_root_and_keeps_keys_distinct(tmp_path):
+    """Judged by the OS's own path resolution and by POSIX normalisation (an S3 OUT), not by the
+    mapping's rules: every key lands below the root, in segments a file system takes, one-to-one."""
+    root = str(tmp_path / "out")
+    paths = [storage.safe_path(k) for k in HOSTILE_KEYS]
+    assert len(set(paths)) == len(HOSTILE_KEYS)
+    for key, p in zip(HOSTILE_KEYS, paths, strict=True):
+        local = os.path.realpath(storage.join(root, "records", p + ".json"))
+        assert local.startswith(os.path.realpath(root) + os.sep), (key, p)
+        s3 = storage.join("s3://b/out", "records", p + ".json")
+        assert posixpath.normpath(s3.split("://", 1)[1]).startswith("b/out/records/"), (key, p)
+        assert all(seg not in ("", ".", "..") for seg in p.split("/")), (key, p)
+        assert all(len(seg.encode()) + len(".tiff") <= 255 for seg in p.split("/")), (key, p)
+        assert len(p.encode()) <= storage.PATH_BYTES and p.encode().decode() == p
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with open(local, "w") as f:              # the file system takes every name
+            f.write(key.encode("utf-8", "surrogateescape").decode("latin-1"))
+    assert storage.safe_path("plain/dir/name.png") == "plain/dir/name.png"
+    assert storage.safe_path("sp ace/ünï.png") == "sp ace/ünï.png"
+
+
+def test_output_stems_of_hostile_keys_are_distinct_and_safe():
+    from ray_inspect.steps.imagescan import output_stems
+
+    keys = ["a.png", "a.png.tiff", "a.tiff", "x/../a.png", "/a.png", "%2Fa.png"]
+    stems = output_stems(keys)
+    assert len(set(stems.values())) == len(keys)
+    assert [stems[k] for k in keys] == ["a.png", "a.png.tiff", "a.tiff", "x/%2E%2E/a", "%2Fa", "%252Fa"]
