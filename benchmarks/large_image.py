@@ -1,4 +1,5 @@
-"""Peak actor memory and rate for very large images (default two of 16,384 x 16,384, 8-bit gray).
+"""Peak actor memory and rate for very large images (default two of 16,384 x 16,384, 8-bit gray),
+at native resolution or, with --scale, through a resizing model.
 
 The image is a procedural plain weave tiled to size with a few defects, written as a PNG (and
 copied, so that the actor is offered two large images at once); a He-initialised SSIM-AE (no
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=16_384)
     ap.add_argument("--region-pixels", type=int, default=InspectConfig.region_pixels)
     ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--scale", type=float, default=None,
+                    help="the card's scale (a resizing model, e.g. 0.5); default: native resolution")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="ri-large-")
     path = big_image(work, a.side)
@@ -65,7 +68,8 @@ def main() -> None:
         shutil.copy(path, os.path.join(os.path.dirname(path), f"big{i}.png"))
     torch.manual_seed(0)
     url = os.path.join(work, "model")
-    save_model(url, ConvAE(ModelConfig()), ModelCard(model=ModelConfig(), resize=None, threshold=0.6))
+    save_model(url, ConvAE(ModelConfig()), ModelCard(model=ModelConfig(), resize=None, threshold=0.6,
+                                                              scale=a.scale))
     cfg = InspectConfig(region_pixels=a.region_pixels)
     t0 = time.perf_counter()
     summary = scan(url, os.path.dirname(path), os.path.join(work, "out"), cfg,
@@ -78,6 +82,7 @@ def main() -> None:
     print(json.dumps({
         "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}", "image": f"{a.side}x{a.side} 8-bit gray PNG", "images": a.images,
+        "scale": a.scale,
         "png_bytes": os.path.getsize(path), "region_pixels": a.region_pixels, "bands": rec.bands,
         "tiles": rec.tiles, "concurrency": summary["concurrency"], "compute_slots": summary["compute_slots"],
         "actor_peak_rss_gib_after_each": [round(r.max_rss_bytes / 2**30, 3) for r in recs],

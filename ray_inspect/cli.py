@@ -262,8 +262,8 @@ class _EpochLines:
                      **{k: s[k] for k in ("epoch", "loss", "patches_per_s", "workers")})
 
 
-def _inspect_cfg(stride, precision, batch_size):
-    return InspectConfig(stride=stride, precision=precision, batch_size=batch_size)
+def _inspect_cfg(stride, precision, batch_size, max_pixels):
+    return InspectConfig(stride=stride, precision=precision, batch_size=batch_size, max_pixels=max_pixels)
 
 
 inspect_options = [
@@ -273,6 +273,9 @@ inspect_options = [
                  show_default=True),
     click.option("--batch-size", default=InspectConfig.batch_size, show_default=True,
                  help="Tiles per forward."),
+    click.option("--max-pixels", type=click.IntRange(1), default=InspectConfig.max_pixels, show_default=True,
+                 help="Images whose header says more pixels are refused (errors.jsonl, kind size), "
+                      "never decoded."),
 ]
 
 
@@ -298,14 +301,16 @@ def _with(options):
               help="position: score each pixel against the validation images' residual at that position.")
 @_with(inspect_options)
 @click.option("--json", "as_json", is_flag=True)
-def calibrate(model, images, min_area, fpr, smooth_sigma, normalise, stride, precision, batch_size, as_json):  # noqa: PLR0913 - one argument per click option
+def calibrate(model, images, min_area, fpr, smooth_sigma, normalise,  # noqa: PLR0913 - one argument per click option
+              stride, precision, batch_size, max_pixels, as_json):
     """Set MODEL's score and threshold from defect-free IMAGES (ROOT/validation/good or a folder)."""
     from ray_inspect.steps.calibrate import calibrate as run
 
     if (min_area is None) == (fpr is None):
         raise click.UsageError("give exactly one of --min-area or --fpr")
     score = ScoreConfig(smooth_sigma=smooth_sigma, normalise=normalise)
-    res = run(model, images, min_area, fpr, _inspect_cfg(stride, precision, batch_size), score=score)
+    cfg = _inspect_cfg(stride, precision, batch_size, max_pixels)
+    res = run(model, images, min_area, fpr, cfg, score=score)
     how = "paper residual" if score.is_paper else f"smooth_sigma {smooth_sigma:g}, normalise {normalise}"
     _emit(res, as_json, f"{model}: threshold {res['threshold']:.5g} ({res['rule']}, {res['images']} images; "
                         f"{how})")
@@ -350,7 +355,7 @@ class _ScanProgress:
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def scan(ctx, model, source, out, stride, precision, batch_size, threshold, workers,  # noqa: PLR0913 - one argument per click option
+def scan(ctx, model, source, out, stride, precision, batch_size, max_pixels, threshold, workers,  # noqa: PLR0913 - one argument per click option
          gpus_per_worker, cpus_per_worker, concurrency, region_pixels, force, address, as_json):
     """Scan SOURCE (MVTec root, folder or s3:// prefix) with MODEL on Ray actors into OUT.
 
@@ -368,7 +373,7 @@ def scan(ctx, model, source, out, stride, precision, batch_size, threshold, work
     options = ScanOptions(workers=workers, gpus_per_worker=gpus_per_worker,
                           cpus_per_worker=cpus_per_worker, concurrency=concurrency, force=force,
                           address=address)
-    cfg = replace(_inspect_cfg(stride, precision, batch_size), region_pixels=region_pixels)
+    cfg = replace(_inspect_cfg(stride, precision, batch_size, max_pixels), region_pixels=region_pixels)
     tel = ctx.find_root().obj["telemetry"]
     bar = _ScanProgress(tel)
 

@@ -13,6 +13,7 @@ PRECISIONS = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("none", "flips", "dihedral")
 NORMALISERS = ("none", "position")
+MAX_SCALE = 4.0                   # the largest image scale factor (prepare, model cards)
 Z_MAX = 64.0                      # normalised scores are clipped to [0, Z_MAX] (the ROC's fixed bins)
 LOG_FORMATS = ("text", "json")
 PIPELINE_ENV = "RAY_INSPECT_PIPELINE"
@@ -105,8 +106,8 @@ class PrepareConfig:
     chunk: int = 256              # patches per Zarr chunk along N
 
     def __post_init__(self) -> None:
-        if self.scale is not None and not 0 < self.scale <= 4:
-            raise ValueError(f"scale must be in (0, 4], not {self.scale}")
+        if self.scale is not None and not 0 < self.scale <= MAX_SCALE:
+            raise ValueError(f"scale must be in (0, {MAX_SCALE:g}], not {self.scale}")
         if self.short_side is not None and self.short_side < self.patch:
             raise ValueError(f"short side must be at least the {self.patch}-px patch, not {self.short_side}")
 
@@ -144,10 +145,11 @@ class InspectConfig:
     opening_diameter: int = 4     # circular structuring element of diameter 4 (not disk(4), which is 9 wide)
     seed: int = 0                 # VAE latent sampling
     region_pixels: int = 1 << 24  # larger images go in bands of about this many pixels (bounded memory)
+    max_pixels: int = 1 << 30     # larger images (by their header) are refused as ``size``, never decoded
 
     def __post_init__(self) -> None:
-        if self.region_pixels < 1:
-            raise ValueError("region_pixels must be positive")
+        if self.region_pixels < 1 or self.max_pixels < 1:
+            raise ValueError("region_pixels and max_pixels must be positive")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
         if not 1 <= self.stride <= 128:

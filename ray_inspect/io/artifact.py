@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ray_inspect.config import ModelConfig, ScoreConfig, from_dict
+from ray_inspect.config import MAX_SCALE, ModelConfig, ScoreConfig, from_dict
 from ray_inspect.core.model import AlexNetFeatures, build_model
 from ray_inspect.core.scoring import PositionStats
 from ray_inspect.io import storage
@@ -156,8 +156,8 @@ def _card_problem(d: Any) -> str | None:
          "model sizes must be positive integers"),
         (_number(m.get("fm_lambda", 1.0)), "fm_lambda must be a number"),
         (d.get("resize") is None or _positive_int(d["resize"]), "resize must be a positive integer or null"),
-        (d.get("scale") is None or (_number(d["scale"]) and d["scale"] > 0),
-         "scale must be a positive number"),
+        (d.get("scale") is None or (_number(d["scale"]) and 0 < d["scale"] <= MAX_SCALE),
+         f"scale must be a number in (0, {MAX_SCALE:g}]"),
         (not d.get("source_size") or (isinstance(d["source_size"], list) and len(d["source_size"]) == 2
                                       and all(_positive_int(v) for v in d["source_size"])),
          "source_size must be two positive integers"),

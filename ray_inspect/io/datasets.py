@@ -20,6 +20,12 @@ class Sample:
     version: str = ""               # size and ETag/mtime of the input when listed
 
     @property
+    def listed_bytes(self) -> int | None:
+        """The input's size as listed (None when the listing did not say)."""
+        size = self.version.split("-", 1)[0]
+        return int(size) if size.isdigit() else None
+
+    @property
     def labelled(self) -> bool:
         return self.defect_type is not None
 

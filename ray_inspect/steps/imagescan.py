@@ -36,7 +36,7 @@ from ray_inspect.core.evaluation import Evaluation
 from ray_inspect.core.segmentation import RegionCounter, upscale_mask_rows
 from ray_inspect.io import storage
 from ray_inspect.io.datasets import Sample
-from ray_inspect.io.images import fetch, peek_shape
+from ray_inspect.io.images import check_bytes, fetch, peek_shape
 from ray_inspect.records import ImageRecord, Outcome
 from ray_inspect.steps.inspector import BandResult, Inspector, LoadedImage
 
@@ -64,6 +64,9 @@ def output_urls(out: str, stem: str) -> dict[str, str]:
             "record": storage.join(out, "records", stem + ".json")}
 
 
+MASK_CHUNK_PIXELS = 1 << 22       # a band's mask is upscaled to the stored size this many pixels at a time
+
+
 class _Accumulator:
     """What one image's bands add up to: packed mask rows, score, regions, statistics, timings."""
 
@@ -86,10 +89,13 @@ class _Accumulator:
         r0, r1 = band.rows
         self.score = max(self.score, float(band.residual.max()))
         if band.mask is not None:
-            mask = upscale_mask_rows(band.mask, band.rows, self.shape, self.source_shape)
-            self.packed.append(np.packbits(mask, axis=1))
-            self.flagged += int(mask.sum())
-            self.regions.add(mask)
+            for rows in self._mask_chunks(r0, r1):
+                mask = upscale_mask_rows(band.mask[rows[0] - r0 : rows[1] - r0], rows, self.shape,
+                                         self.source_shape)
+                if len(mask):
+                    self.packed.append(np.packbits(mask, axis=1))
+                    self.flagged += int(mask.sum())
+                    self.regions.add(mask)
         if self.evaluation is not None:
             self.score_opened = max(self.score_opened, float(band.opened.max()))
             self.evaluation.add_rows(band.residual, band.opened, self.gt[r0:r1], self.labels[r0:r1],
@@ -97,6 +103,13 @@ class _Accumulator:
         self.tiles += band.tiles
         self.bands += 1
         self.timings.update(band.timings)
+
+    def _mask_chunks(self, r0: int, r1: int) -> list[tuple[int, int]]:
+        """Rows [r0, r1) in chunks whose mask at the stored size is about 4 Mpx, so that a model that
+        scales images down does not upscale (and label) a whole band's mask at once."""
+        source_pixels_per_row = self.source_shape[0] * self.source_shape[1] / max(1, self.shape[0])
+        step = max(1, int(MASK_CHUNK_PIXELS // max(1.0, source_pixels_per_row)))
+        return [(i, min(r1, i + step)) for i in range(r0, r1, step)]
 
     def statistics(self, defective: bool) -> bytes | None:
         """The image's ground-truth statistics, once all its bands are in (None: unlabelled)."""
@@ -134,6 +147,7 @@ def scan_image(inspector: Inspector, sample: Sample, stem: str, target: ScanTarg
     its last write, so that large images do not add up in memory. Bad input raises InputError.
     """
     t0 = time.perf_counter()
+    check_bytes(sample.listed_bytes, sample.url, inspector.cfg.max_pixels)
     data = fetch(sample.url)
     shape = peek_shape(data, sample.url)
     big = shape is not None and inspector.is_large(*shape)

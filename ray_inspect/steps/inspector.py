@@ -25,6 +25,8 @@ from ray_inspect.core.tiling import Band, plan_bands
 from ray_inspect.io.artifact import ModelCard
 from ray_inspect.io.datasets import Sample
 from ray_inspect.io.images import (
+    ScaledImage,
+    check_pixels,
     decode_raw,
     read_mask,
     read_raw,
@@ -104,7 +106,9 @@ class Inspector:
     def read(self, sample: Sample, data: bytes | None = None) -> LoadedImage:
         """Read an image (from ``data`` when its bytes are at hand) and its ground truth, and scale
         it like the training images."""
-        raw, nbytes = read_raw(sample.url) if data is None else (decode_raw(data, sample.url), len(data))
+        limit = self.cfg.max_pixels
+        raw, nbytes = read_raw(sample.url, limit) if data is None else (decode_raw(data, sample.url, limit),
+                                                                        len(data))
         gt = None
         if sample.defect_type == "good":
             gt = np.zeros(raw.shape[:2], bool)
@@ -115,7 +119,10 @@ class Inspector:
         source_shape = tuple(raw.shape[:2])
         shape = self.card.processing_shape(*source_shape)
         if shape != source_shape:
-            raw = resize_image(to_float(raw, self.card.model.channels), shape)
+            check_pixels(*shape, f"{sample.url} at the model's scale {self.card.scale}", self.cfg.max_pixels)
+            channels = self.card.model.channels     # a large image is resized band by band as it is used
+            raw = ScaledImage(raw, shape, channels) if self.is_large(*source_shape) else \
+                resize_image(raw, shape, channels)
             gt = None if gt is None else resize_mask(gt, shape)
         if min(raw.shape[:2]) <= SSIMConfig().window // 2:
             raise InputError(sample.url, f"image is {raw.shape[1]}x{raw.shape[0]}, too small to inspect",

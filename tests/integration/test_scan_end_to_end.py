@@ -9,6 +9,7 @@ import tifffile
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from helpers import bombs
 from ray_inspect import load_model
 from ray_inspect.config import InspectConfig
 from ray_inspect.distributed.scan import EXIT_PARTIAL, scan
@@ -66,7 +67,13 @@ def bad_corpus(root):
     tifffile.imwrite(buf, np.ones((200, 200), np.complex64))
     (root / "test" / "good" / "complex.tiff").write_bytes(buf.getvalue())
     (root / "test" / "good" / "dir.png").mkdir()                          # a folder named like an image
-    return {"zero.png": "empty", "text.png": "not an image", "truncated.png": "corrupt",
+    (root / "test" / "good" / "bomb.png").write_bytes(bombs.png_bomb())
+    (root / "test" / "good" / "bomb.jpg").write_bytes(bombs.jpeg_bomb())
+    (root / "test" / "good" / "bomb.tiff").write_bytes(bombs.tiff_bomb(pages=100))
+    (root / "test" / "good" / "eps.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")
+    Image.open(root / "test" / "good" / "000.png").save(root / "test" / "good" / "cam.bmp")   # scanned
+    return {"bomb.png": "Mpx", "bomb.jpg": "Mpx", "bomb.tiff": "Mpx", "eps.png": "accepted format",
+            "zero.png": "empty", "text.png": "not an image", "truncated.png": "corrupt",
             "nomask.png": "no such file", "badmask.png": "mask is 10x10", "nan.tiff": "NaN",
             "sliver.png": "too small", "five.tiff": "unsupported image shape",
             "complex.tiff": "unsupported pixel type"}
@@ -84,6 +91,8 @@ def test_scan_records_bad_inputs_and_goes_on(ray_session, calibrated, dataset, t
     assert set(by_name) == set(expected)
     for name, fragment in expected.items():
         assert fragment in by_name[name]["reason"], (name, by_name[name])
+    assert {by_name[n]["kind"] for n in ("bomb.png", "bomb.jpg", "bomb.tiff")} == {"size"}
+    assert by_name["eps.png"]["kind"] == "format"
     n_good_files = len(list_samples(str(root))) - len(expected)
     assert summary["scanned"] == n_good_files and summary["failed"] == len(expected)
     assert summary["exit_code"] == EXIT_PARTIAL

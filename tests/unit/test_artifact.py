@@ -86,6 +86,7 @@ BAD_FIELDS = {   # what an upstream system or an attacker could put in card.json
     "empty source size": ("source_size", [0, 0]),
     "negative scale": ("scale", -1),
     "scale as a string": ("scale", "0.5"),
+    "scale that makes every image a bomb": ("scale", 1000.0),
     "threshold as a string": ("threshold", "high"),
     "threshold not finite": ("threshold", float("nan")),
     "weights outside the directory": ("weights", "../other/weights.pt"),

@@ -194,3 +194,37 @@ def test_images_scanned_at_once_in_threads_equal_one_at_a_time(tmp_path):
             assert _bytes(ua[kind]) == _bytes(ub[kind]), kind
     # 150 px: windows at 0 and 22; 100 px: padded to one
     assert alone[3]["tiles"] == 4 and alone[4]["tiles"] == 1
+
+
+def test_a_scaled_large_image_in_bands_writes_the_same_outputs_as_a_whole_one(tmp_path, monkeypatch):
+    """A model that scales images by 0.5: banded (the image resized lazily, band by band, and its
+    mask upscaled to the stored size in small chunks) equals the whole image resized at once."""
+    import ray_inspect.steps.imagescan as imagescan
+
+    rng = np.random.default_rng(1)
+    img = (rng.random((403, 317)) * 255).astype(np.uint8)
+    img[100:160, 40:200] = 10
+    _write_png(tmp_path / "src" / "a.png", img)
+    sample = Sample(str(tmp_path / "src" / "a.png"), "a.png", version="v1")
+    cfg = ModelConfig()
+    model = build_model(cfg)
+    card = ModelCard(model=cfg, resize=None, scale=0.5, threshold=0.0)
+    probe = Inspector(model, card, InspectConfig(precision="float32"))
+    card = ModelCard(model=cfg, resize=None, scale=0.5,
+                     threshold=float(np.quantile(probe.inspect(img.astype(np.float32) / 255).opened, 0.8)))
+    outs = {}
+    for name, region, chunk in (("whole", 1 << 30, 1 << 22), ("banded", 12_000, 3_000)):
+        monkeypatch.setattr(imagescan, "MASK_CHUNK_PIXELS", chunk)
+        insp = Inspector(model, card, InspectConfig(precision="float32", region_pixels=region))
+        assert insp.is_large(403, 317) == (name == "banded")
+        out = str(tmp_path / name)
+        record, _ = scan_image(insp, sample, "a", ScanTarget(out, "fp"))
+        assert record.bands == 1 or name == "banded"
+        outs[name] = (output_urls(out, "a"), record.to_dict())
+    (wu, wr), (bu, br) = outs["whole"], outs["banded"]
+    assert br["bands"] > 1 and wr["flagged_pixels"] > 0
+    for key in ("score", "flagged_pixels", "regions", "height", "width"):
+        assert wr[key] == br[key], key
+    assert _bytes(wu["mask"]) == _bytes(bu["mask"])
+    assert np.asarray(Image.open(wu["mask"])).shape == img.shape
+    np.testing.assert_array_equal(tifffile.imread(wu["residual"]), tifffile.imread(bu["residual"]))
