@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import os
 
-from ray_inspect.io.storage import ENDPOINT_ENV
+from ray_inspect.io.storage import ENDPOINT_ENVS
 
 # Environment that workers on this machine must see (never credentials in configs or logs: the
 # AWS_* variables reach workers through the environment the local Ray inherits at start-up).
-FORWARDED_ENV = (ENDPOINT_ENV,)
+FORWARDED_ENV = ENDPOINT_ENVS
 _verbose = False
 log = logging.getLogger(__name__)
 

@@ -73,7 +73,7 @@ def _storage_fs(url: str):
         return os.path.abspath(storage.local_path(url)), None
     import pyarrow.fs as pafs
 
-    endpoint = os.environ.get(storage.ENDPOINT_ENV)
+    endpoint = storage.s3_endpoint()         # pyarrow reads no endpoint variable of its own
     retries = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
     if endpoint:
         region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")

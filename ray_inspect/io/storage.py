@@ -3,7 +3,7 @@
 Writes are atomic (a reader sees the old object or the new one, never a part) and idempotent;
 transient errors are retried with exponential backoff. Credentials come from the environment or
 an AWS profile and are never logged; the endpoint of an S3-compatible store from
-``RAY_INSPECT_S3_ENDPOINT`` (or botocore's own ``AWS_ENDPOINT_URL``).
+``RAY_INSPECT_S3_ENDPOINT``, else botocore's own ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``.
 """
 
 from __future__ import annotations
@@ -44,14 +44,20 @@ retrying = retry(
 )
 
 
+ENDPOINT_ENVS = (ENDPOINT_ENV, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")   # the first one set wins
+
+
+def s3_endpoint() -> str | None:
+    """The S3-compatible endpoint from the environment: the project's variable, else botocore's own
+    (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``), so that every client (s3fs, pyarrow) uses the same."""
+    return next((os.environ[k] for k in ENDPOINT_ENVS if os.environ.get(k)), None)
+
+
 def storage_options(url: str) -> dict:
     """fsspec options for a URL: the S3 endpoint from the environment, nothing else."""
     if url.startswith(("s3://", "s3a://")):
-        opts: dict = {}
-        endpoint = os.environ.get(ENDPOINT_ENV)
-        if endpoint:
-            opts["endpoint_url"] = endpoint
-        return opts
+        endpoint = s3_endpoint()
+        return {"endpoint_url": endpoint} if endpoint else {}
     return {}
 
 

@@ -55,6 +55,23 @@ def test_endpoint_from_environment(monkeypatch):
     assert storage.storage_options("/tmp/x") == {}
 
 
+def test_botocores_endpoint_variables_alone_reach_s3fs_and_pyarrow(monkeypatch):
+    """AWS_ENDPOINT_URL (or _S3) without the project's variable: s3fs and Ray Train's pyarrow
+    filesystem both get it (pyarrow reads no endpoint variable of its own); the project's wins."""
+    from ray_inspect.distributed.train import _storage_fs
+
+    for var in storage.ENDPOINT_ENVS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:19")
+    assert storage.storage_options("s3://b/k") == {"endpoint_url": "http://127.0.0.1:19"}
+    path, fs = _storage_fs("s3://b/runs")
+    assert path == "b/runs" and fs.__reduce__()[1][0]["endpoint_override"] == "http://127.0.0.1:19"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:29")
+    assert storage.s3_endpoint() == "http://127.0.0.1:29"
+    monkeypatch.setenv(storage.ENDPOINT_ENV, "http://127.0.0.1:39")
+    assert storage.s3_endpoint() == "http://127.0.0.1:39"
+
+
 def test_contains_compares_whole_segments_and_resolves_links(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "l").symlink_to(tmp_path / "a")
