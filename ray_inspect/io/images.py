@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import numpy as np
 import tifffile
@@ -87,12 +88,15 @@ def sniff(data: bytes, url: str) -> str:
                      f"{data[:8].hex()}", FailureKind.FORMAT)
 
 
-def check_pixels(height: int, width: int, url: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Refuse, from the header's size alone, an image with no pixels or more than ``max_pixels``."""
+def check_pixels(height: int, width: int, url: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 where: str = "") -> None:
+    """Refuse, from the header's size alone, an image with no pixels or more than ``max_pixels``
+    (``where``: e.g. "at the model's scale 2", when the size is not the stored one)."""
     if height < 1 or width < 1:
         raise InputError(url, f"image has no pixels ({width}x{height})", FailureKind.EMPTY)
     if height * width > max_pixels:
-        raise InputError(url, f"{width}x{height} is {height * width / 1e6:,.0f} Mpx, over the limit of "
+        at = f" {where}" if where else ""
+        raise InputError(url, f"{width}x{height}{at} is {height * width / 1e6:,.0f} Mpx, over the limit of "
                          f"{max_pixels / 1e6:,.0f} Mpx (--max-pixels)", FailureKind.SIZE)
 
 
@@ -104,11 +108,19 @@ def check_bytes(nbytes: int | None, url: str, max_pixels: int = DEFAULT_MAX_PIXE
                          f"{max_pixels / 1e6:,.0f} Mpx can take (--max-pixels)", FailureKind.SIZE)
 
 
-def _tiff_page(tif: tifffile.TiffFile, url: str) -> tifffile.TiffPage:
-    """Page 0 of a TIFF (further pages are ignored), refused if it is a volume."""
+def _tiff_page(tif: tifffile.TiffFile, url: str, max_pixels: int) -> tifffile.TiffPage:
+    """Page 0 of a TIFF (further pages are ignored), checked from its tags before it is decoded:
+    not a volume, at most 4 samples per pixel, within the pixel and byte limits."""
     page = tif.pages.first
     if getattr(page, "imagedepth", 1) > 1:
         raise InputError(url, f"volumetric TIFF page (depth {page.imagedepth})", FailureKind.MODE)
+    if page.samplesperpixel > 4:
+        raise InputError(url, f"TIFF with {page.samplesperpixel} samples per pixel", FailureKind.MODE)
+    check_pixels(page.imagelength, page.imagewidth, url, max_pixels)
+    nbytes = int(np.prod(page.shape, dtype=np.int64)) * (page.dtype.itemsize if page.dtype else 8)
+    if nbytes > BYTES_PER_PIXEL_MAX * max_pixels:
+        raise InputError(url, f"TIFF page of {nbytes:,} bytes decoded, over the limit (--max-pixels)",
+                         FailureKind.SIZE)
     return page
 
 
@@ -119,6 +131,7 @@ def _png_deep_colour(data: bytes) -> bool:
 
 
 def _decode_deep_png(data: bytes, url: str) -> np.ndarray:
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 40))   # ours was checked already
     import cv2
 
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -132,13 +145,13 @@ def _decode_pillow(data: bytes, url: str, fmt: str, max_pixels: int) -> np.ndarr
         check_pixels(im.height, im.width, url, max_pixels)
         if fmt == "PNG" and _png_deep_colour(data):
             return _decode_deep_png(data, url)
+        if im.mode in ("I", "F"):
+            raise InputError(url, f"unsupported {fmt} mode {im.mode}", FailureKind.MODE)
         im.load()
         if im.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "1", "RGBX"):
             im = im.convert("RGB" if im.mode not in ("LA", "1") else "L")
         if im.mode.startswith("I;16"):
             return np.array(im, dtype=np.uint16)
-        if im.mode in ("I", "F"):
-            raise InputError(url, f"unsupported {fmt} mode {im.mode}", FailureKind.MODE)
         return np.asarray(im)
 
 
@@ -150,9 +163,7 @@ def decode_raw(data: bytes, url: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
     try:
         if fmt == "TIFF":
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                page = _tiff_page(tif, url)
-                check_pixels(page.imagelength, page.imagewidth, url, max_pixels)
-                arr = page.asarray()
+                arr = _tiff_page(tif, url, max_pixels).asarray()
         else:
             arr = _decode_pillow(data, url, fmt, max_pixels)
     except InputError:
@@ -204,9 +215,9 @@ def read_image(url: str, channels: int = 1) -> np.ndarray:
     return to_float(read_raw(url)[0], channels)
 
 
-def read_mask(url: str, shape: tuple[int, int]) -> np.ndarray:
+def read_mask(url: str, shape: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Ground-truth mask as bool (H, W); it must match the image size."""
-    m = read_image(url, channels=1)
+    m = to_float(read_raw(url, max_pixels)[0], 1)
     if m.shape != shape:
         raise InputError(url, f"mask is {m.shape[1]}x{m.shape[0]}, image is {shape[1]}x{shape[0]}",
                          FailureKind.MASK)
@@ -289,7 +300,9 @@ class ScaledImage:
     def __getitem__(self, key):
         if isinstance(key, slice) and key.step in (None, 1):
             r0, r1, _ = key.indices(self.shape[0])
-            return resize_rows(self.raw, self.size, (r0, max(r0, r1)), self.channels)
+            if r1 <= r0:
+                return np.empty((0,) + self.shape[1:], np.float32)
+            return resize_rows(self.raw, self.size, (r0, r1), self.channels)
         return np.asarray(self)[key]
 
     def __array__(self, dtype=None, copy=None):

@@ -273,17 +273,20 @@ def _escape(ch: str) -> str:
     code = ord(ch)
     if 0xDC80 <= code <= 0xDCFF:              # an undecodable byte of a local file name
         return f"%{code - 0xDC00:02X}"
-    if code < 0x20 or code == 0x7F or 0xD800 <= code <= 0xDFFF:
-        return "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    if 0xD800 <= code <= 0xDFFF:              # any other lone surrogate (no file system or S3 makes one)
+        return f"%u{code:04X}"
+    if code < 0x20 or code == 0x7F:
+        return f"%{code:02X}"
     return ch
 
 
 def _capped(name: str, limit: int) -> str:
-    """``name`` if it fits ``limit`` UTF-8 bytes, else a prefix that fits plus ``~`` and a hash
-    of the whole name (so two long names that share the prefix stay distinct)."""
+    """``name`` if it fits ``limit`` UTF-8 bytes, else a prefix that fits plus ``%~`` and a hash of
+    the whole name. Escaped text never holds ``%~`` (every ``%`` in it starts an escape), so a
+    capped name is never another key's uncapped one, and two long names that share the prefix differ."""
     if len(name.encode()) <= limit:
         return name
-    digest = "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    digest = "%~" + hashlib.sha256(name.encode()).hexdigest()[:16]
     keep = name.encode()[: limit - len(digest)].decode(errors="ignore")
     return keep.rstrip("/") + digest
 
@@ -313,7 +316,8 @@ def safe_path(key: str) -> str:
             seg = seg.replace(".", "%2E")
         segments.append(_capped(seg, SEGMENT_BYTES))
     if pending:                               # a key that ends in "/"
-        segments = [*segments[:-1], segments[-1] + pending] if segments else [pending]
+        segments = [*segments[:-1], _capped(segments[-1] + pending, SEGMENT_BYTES)] if segments \
+            else [_capped(pending, SEGMENT_BYTES)]
     return _capped("/".join(segments), PATH_BYTES)
 
 

@@ -43,14 +43,31 @@ from ray_inspect.steps.inspector import BandResult, Inspector, LoadedImage
 SPOOL_BYTES = 64 << 20   # residual maps larger than this go through a local temporary file
 
 
+OUTPUT_SUFFIXES = (".png", ".tiff", ".json", ".npz")
+
+
+def _folders(stems) -> set[str]:
+    """Every folder the outputs of these stems are written in (``a/b/c`` -> ``a/b``, ``a``)."""
+    seen: set[str] = set()
+    for s in stems:
+        d = s.rpartition("/")[0]
+        while d and d not in seen:
+            seen.add(d)
+            d = d.rpartition("/")[0]
+    return seen
+
+
 def output_stems(keys: list[str]) -> dict[str, str]:
     """Output path of each input below OUT: its key without the extension, or the whole key where
-    that would collide with another input's output (a.png, a.tiff; a.png beside a.png.tiff), made
-    safe by ``storage.safe_path`` (no segment that leaves OUT). Keys are distinct, so the result is too."""
+    that would collide with another input's output (a.png, a.tiff; a.png beside a.png.tiff) or
+    folder (a.png beside a.png/x.png), made safe by ``storage.safe_path`` (no segment that leaves
+    OUT). Keys are distinct, so the result is too."""
     final = {k: posixpath.splitext(k)[0] for k in keys}
     while True:
         count = Counter(final.values())
-        clashing = [k for k, s in final.items() if count[s] > 1 and s != k]
+        folders = _folders(final.values())
+        clashing = [k for k, s in final.items() if s != k and
+                    (count[s] > 1 or any(s + suffix in folders for suffix in OUTPUT_SUFFIXES))]
         if not clashing:
             return {k: storage.safe_path(s) for k, s in final.items()}
         for k in clashing:          # a stem gives way to its whole key; that only ever happens once

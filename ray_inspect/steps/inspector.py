@@ -113,13 +113,13 @@ class Inspector:
         if sample.defect_type == "good":
             gt = np.zeros(raw.shape[:2], bool)
         elif sample.defective:
-            gt = read_mask(sample.mask_url, raw.shape[:2])
+            gt = read_mask(sample.mask_url, raw.shape[:2], limit)
             if not gt.any():
                 raise InputError(sample.mask_url, "mask of a defective image is empty", FailureKind.MASK)
         source_shape = tuple(raw.shape[:2])
         shape = self.card.processing_shape(*source_shape)
         if shape != source_shape:
-            check_pixels(*shape, f"{sample.url} at the model's scale {self.card.scale}", self.cfg.max_pixels)
+            check_pixels(*shape, sample.url, self.cfg.max_pixels, f"at the model's scale {self.card.scale:g}")
             channels = self.card.model.channels     # a large image is resized band by band as it is used
             raw = ScaledImage(raw, shape, channels) if self.is_large(*source_shape) else \
                 resize_image(raw, shape, channels)

@@ -243,3 +243,28 @@ def test_scaled_image_rows_equal_the_whole_resize():
     for r0, r1 in [(0, 1), (17, 60), (149, 150), (0, 150)]:
         assert np.array_equal(lazy[r0:r1], whole[r0:r1])
         assert np.array_equal(resize_rows(raw, (150, 88), (r0, r1), 1), whole[r0:r1])
+
+
+def test_tiff_samples_and_decoded_bytes_are_checked_before_decoding():
+    """Pixels alone do not bound a TIFF: 64 samples per pixel is refused as ``mode``, and a float64
+    RGB page whose decoded bytes exceed 8 per allowed pixel as ``size``, both from the tags."""
+    from ray_inspect.io.images import decode_raw
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((10, 10, 64), np.uint8), photometric="minisblack", planarconfig="contig")
+    with pytest.raises(InputError, match="64 samples per pixel") as err:
+        decode_raw(buf.getvalue(), "wide.tiff")
+    assert err.value.kind == "mode"
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((40, 50, 3), np.float64), photometric="rgb")
+    with pytest.raises(InputError, match="bytes decoded") as err:
+        decode_raw(buf.getvalue(), "deep.tiff", max_pixels=40 * 50 * 2)    # 2,000 px allowed, 48,000 B
+    assert err.value.kind == "size"
+    assert decode_raw(buf.getvalue(), "deep.tiff", max_pixels=40 * 50 * 3).shape == (40, 50, 3)
+
+
+def test_an_empty_slice_of_a_scaled_image_is_empty():
+    from ray_inspect.io.images import ScaledImage
+
+    lazy = ScaledImage(np.zeros((50, 40), np.uint8), (25, 20), 1)
+    assert lazy[3:3].shape == (0, 20) and lazy[30:40].shape == (0, 20)

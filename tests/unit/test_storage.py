@@ -112,6 +112,11 @@ def test_safe_path_stays_below_any_root_and_keeps_keys_distinct(tmp_path):
         os.makedirs(os.path.dirname(local), exist_ok=True)
         with open(local, "w") as f:              # the file system takes every name
             f.write(key.encode("utf-8", "surrogateescape").decode("latin-1"))
+    long = "a" * 300                     # a key that looks like another one capped is not it
+    assert storage.safe_path(long) != storage.safe_path(storage.safe_path(long))
+    assert storage.safe_path("a" + "/" * 400) != storage.safe_path("a" + "/" * 401)
+    assert max(len(seg.encode()) for seg in storage.safe_path("a" + "/" * 400).split("/")) <= 255 - 5
+    assert storage.safe_path("\ud800") != storage.safe_path("\udced\udca0\udc80")
     assert storage.safe_path("plain/dir/name.png") == "plain/dir/name.png"
     assert storage.safe_path("sp ace/ünï.png") == "sp ace/ünï.png"
 
@@ -119,6 +124,9 @@ def test_safe_path_stays_below_any_root_and_keeps_keys_distinct(tmp_path):
 def test_output_stems_of_hostile_keys_are_distinct_and_safe():
     from ray_inspect.steps.imagescan import output_stems
 
+    folders = output_stems(["a.png", "a.png/x.png", "r.png", "r.json/y.png"])   # a file where a folder goes
+    assert folders == {"a.png": "a.png", "a.png/x.png": "a.png/x", "r.png": "r.png",
+                       "r.json/y.png": "r.json/y"}
     keys = ["a.png", "a.png.tiff", "a.tiff", "x/../a.png", "/a.png", "%2Fa.png"]
     stems = output_stems(keys)
     assert len(set(stems.values())) == len(keys)
