@@ -210,4 +210,4 @@ class Inspector:
 def _key_seed(key: str) -> int:
     import zlib
 
-    return zlib.crc32(key.encode())
+    return zlib.crc32(key.encode("utf-8", "surrogateescape"))   # a non-UTF-8 local name as its bytes
