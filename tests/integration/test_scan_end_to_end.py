@@ -75,7 +75,7 @@ def bad_corpus(root):
     return {"bomb.png": "Mpx", "bomb.jpg": "Mpx", "bomb.tiff": "Mpx", "eps.png": "accepted format",
             "zero.png": "empty", "text.png": "not an image", "truncated.png": "corrupt",
             "nomask.png": "no such file", "badmask.png": "mask is 10x10", "nan.tiff": "NaN",
-            "sliver.png": "too small", "five.tiff": "unsupported image shape",
+            "sliver.png": "too small", "five.tiff": "5 samples per pixel",
             "complex.tiff": "unsupported pixel type"}
 
 
