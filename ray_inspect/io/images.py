@@ -91,7 +91,7 @@ def sniff(data: bytes, url: str) -> str:
 def check_pixels(height: int, width: int, url: str, max_pixels: int = DEFAULT_MAX_PIXELS,
                  where: str = "") -> None:
     """Refuse, from the header's size alone, an image with no pixels or more than ``max_pixels``
-    (``where``: e.g. "at the model's scale 2", when the size is not the stored one)."""
+    (``where``: e.g. "at the model's processing size", when the size is not the stored one)."""
     if height < 1 or width < 1:
         raise InputError(url, f"image has no pixels ({width}x{height})", FailureKind.EMPTY)
     if height * width > max_pixels:

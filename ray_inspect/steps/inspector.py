@@ -119,7 +119,7 @@ class Inspector:
         source_shape = tuple(raw.shape[:2])
         shape = self.card.processing_shape(*source_shape)
         if shape != source_shape:
-            check_pixels(*shape, sample.url, self.cfg.max_pixels, f"at the model's scale {self.card.scale:g}")
+            check_pixels(*shape, sample.url, limit, "at the model's processing size")
             channels = self.card.model.channels     # a large image is resized band by band as it is used
             raw = ScaledImage(raw, shape, channels) if self.is_large(*source_shape) else \
                 resize_image(raw, shape, channels)

@@ -69,6 +69,25 @@ def test_images_scale_like_the_training_images():
     assert ModelCard(model=ModelConfig(), resize=None).processing_shape(300, 500) == (300, 500)
 
 
+def test_an_older_card_without_a_scale_reads_and_limits_images(tmp_path):
+    """A card from before the scale factor (``resize`` and ``source_size``) still reads images,
+    and the pixel limit at its processing size is one line naming the image."""
+    from PIL import Image
+
+    from ray_inspect.io.datasets import Sample
+    from ray_inspect.records import InputError
+
+    Image.fromarray(np.full((512, 384), 90, np.uint8)).save(tmp_path / "a.png")
+    card = ModelCard(model=ModelConfig(), resize=256, source_size=(512, 512))
+    sample = Sample(str(tmp_path / "a.png"), "a.png")
+    model = build_model(ModelConfig())
+    assert Inspector(model, card, InspectConfig(precision="float32")).read(sample).pixels.shape == (256, 192)
+    small = Inspector(model, card, InspectConfig(precision="float32", max_pixels=256 * 192 - 1))
+    with pytest.raises(InputError, match="at the model's processing size") as err:
+        small.read(sample)
+    assert err.value.kind == "size" and str(err.value).startswith(str(tmp_path / "a.png"))
+
+
 def test_a_card_written_with_a_stride_still_loads():
     """Cards once carried the training stride (never read); older cards keep loading."""
     import json
