@@ -77,8 +77,8 @@ def test_an_older_card_without_a_scale_reads_and_limits_images(tmp_path):
     from ray_inspect.io.datasets import Sample
     from ray_inspect.records import InputError
 
-    Image.fromarray(np.full((512, 384), 90, np.uint8)).save(tmp_path / "a.png")
-    card = ModelCard(model=ModelConfig(), resize=256, source_size=(512, 512))
+    Image.fromarray(np.full((128, 96), 90, np.uint8)).save(tmp_path / "a.png")   # scaled up, 2x
+    card = ModelCard(model=ModelConfig(), resize=256, source_size=(128, 128))
     sample = Sample(str(tmp_path / "a.png"), "a.png")
     model = build_model(ModelConfig())
     assert Inspector(model, card, InspectConfig(precision="float32")).read(sample).pixels.shape == (256, 192)
