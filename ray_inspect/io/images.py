@@ -211,13 +211,13 @@ def read_raw(url: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray
     return decode_raw(data, url, max_pixels), len(data)
 
 
-def read_image(url: str, channels: int = 1) -> np.ndarray:
-    return to_float(read_raw(url)[0], channels)
+def read_image(url: str, channels: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    return to_float(read_raw(url, max_pixels)[0], channels)
 
 
 def read_mask(url: str, shape: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Ground-truth mask as bool (H, W); it must match the image size."""
-    m = to_float(read_raw(url, max_pixels)[0], 1)
+    m = read_image(url, 1, max_pixels)
     if m.shape != shape:
         raise InputError(url, f"mask is {m.shape[1]}x{m.shape[0]}, image is {shape[1]}x{shape[0]}",
                          FailureKind.MASK)

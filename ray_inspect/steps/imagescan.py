@@ -43,7 +43,9 @@ from ray_inspect.steps.inspector import BandResult, Inspector, LoadedImage
 SPOOL_BYTES = 64 << 20   # residual maps larger than this go through a local temporary file
 
 
-OUTPUT_SUFFIXES = (".png", ".tiff", ".json", ".npz")
+# Each output of an image: its folder below OUT and the suffix added to the image's stem.
+OUTPUTS = {"mask": ("masks", ".png"), "residual": ("residuals", ".tiff"),
+           "stats": ("stats/images", ".npz"), "record": ("records", ".json")}
 
 
 def _folders(stems) -> set[str]:
@@ -67,7 +69,7 @@ def output_stems(keys: list[str]) -> dict[str, str]:
         count = Counter(final.values())
         folders = _folders(final.values())
         clashing = [k for k, s in final.items() if s != k and
-                    (count[s] > 1 or any(s + suffix in folders for suffix in OUTPUT_SUFFIXES))]
+                    (count[s] > 1 or any(s + suffix in folders for _, suffix in OUTPUTS.values()))]
         if not clashing:
             return {k: storage.safe_path(s) for k, s in final.items()}
         for k in clashing:          # a stem gives way to its whole key; that only ever happens once
@@ -75,10 +77,7 @@ def output_stems(keys: list[str]) -> dict[str, str]:
 
 
 def output_urls(out: str, stem: str) -> dict[str, str]:
-    return {"mask": storage.join(out, "masks", stem + ".png"),
-            "residual": storage.join(out, "residuals", stem + ".tiff"),
-            "stats": storage.join(out, "stats", "images", stem + ".npz"),
-            "record": storage.join(out, "records", stem + ".json")}
+    return {name: storage.join(out, folder, stem + suffix) for name, (folder, suffix) in OUTPUTS.items()}
 
 
 MASK_CHUNK_PIXELS = 1 << 22       # a band's mask is upscaled to the stored size this many pixels at a time
