@@ -212,6 +212,25 @@ class ScanOptions:
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """The one retry policy for object storage. Every request the project makes (``storage``'s
+    calls, training's patch reads) is tried ``attempts`` times with jittered exponential backoff,
+    riding out an outage of ``budget()`` seconds; the S3 clients beneath it try once each, so that
+    attempts never multiply. Ray Train's checkpoint writes (pyarrow) get the same attempts."""
+
+    attempts: int = 10                # tries per request, the first included
+    first_wait: float = 0.5           # seconds before the second try; doubles after each
+    max_wait: float = 10.0            # the longest wait between two tries
+    jitter: float = 1.0               # up to this many random seconds added to each wait
+    connect_timeout: float = 10.0     # seconds to open a connection
+    read_timeout: float = 60.0        # seconds without a byte from an open connection
+
+    def budget(self) -> float:
+        """The seconds a request keeps retrying, at least (jitter not counted)."""
+        return sum(min(self.max_wait, self.first_wait * 2 ** i) for i in range(self.attempts - 1))
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     """How this process reports: metrics port (0 = off), bind address, Pushgateway, log format."""
 

@@ -64,6 +64,8 @@ def summary_table(rep: dict) -> str:
             rows.append((label, f"{rep[k]:.4f}"))
     if scan.get("threshold") is not None:
         rows.append(("threshold", f"{scan['threshold']:.5g}"))
+    if scan.get("storage_retries"):
+        rows.append(("retries", f"{scan['storage_retries']} object-storage request(s) retried"))
     if rep.get("ignored_records"):
         rows.append(("ignored", f"{rep['ignored_records']} record(s) of other scans, unreadable, or of "
                                 "inputs gone"))

@@ -23,7 +23,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypedDict, Unpack
 
 from ray_inspect.config import InspectConfig, MetricsConfig, ScanOptions
@@ -68,6 +68,7 @@ class ScanResult:
     record: ImageRecord | None = None
     stats: bytes | None = None
     error: ScanError | None = None
+    retries: int = 0                 # storage requests retried for this image
 
 
 class ScanActor:
@@ -95,12 +96,18 @@ class ScanActor:
         return os.getpid()
 
     def scan(self, sample: Sample, stem: str) -> ScanResult:
+        """One image (in its own thread, which counts the storage retries it makes)."""
+        before = storage.thread_retries()
         try:
             record, stats = scan_image(self.inspector, sample, stem, self.target, self.compute_slots,
                                        self.large_image_permits)
+            result = ScanResult(Outcome.OK, record, stats)
         except InputError as exc:
-            return ScanResult(Outcome.ERROR, error=ScanError(sample.key, exc.url, exc.reason, exc.kind))
-        return ScanResult(Outcome.OK, record, stats)
+            result = ScanResult(Outcome.ERROR, error=ScanError(sample.key, exc.url, exc.reason, exc.kind))
+        except storage.StorageError as exc:         # the store stayed unreachable past the retry policy
+            error = ScanError(sample.key, sample.url, str(exc)[:300], FailureKind.STORAGE)
+            result = ScanResult(Outcome.ERROR, error=error)
+        return replace(result, retries=storage.thread_retries() - before)
 
 
 @dataclass
@@ -344,6 +351,8 @@ class _Run:
     on_error: Callable[[ScanError], None] | None
     t_start: float
     retried: int = 0
+    storage_retries: int = 0          # storage requests retried by this run's actors and driver
+    driver_retries: int = field(default_factory=storage.retries)   # the driver's count when last added
 
     @classmethod
     def create(cls, plan: ScanPlan, options: ScanOptions, hooks: ScanHooks, t_start: float) -> _Run:
@@ -375,6 +384,18 @@ class _Run:
     def seconds(self) -> float:
         return round(time.time() - self.t_start, 3)
 
+    def retried_requests(self, n: int) -> None:
+        """``n`` more storage requests were retried (by an actor for one image, or by the driver)."""
+        if n:
+            self.storage_retries += n
+            self.telemetry.storage_retries(n)
+
+    def count_driver_retries(self) -> None:
+        """The storage requests the driver itself retried since the last call."""
+        now = storage.retries()
+        self.retried_requests(now - self.driver_retries)
+        self.driver_retries = now
+
 
 def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConfig(),
          threshold: float | None = None, metrics_cfg: MetricsConfig = MetricsConfig(),
@@ -384,9 +405,10 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
     ``progress(ScanProgress)`` follows each image, ``on_error`` gets each ScanError."""
     from ray_inspect.distributed.cluster import ensure_ray
 
-    t_start = time.time()
+    t_start, retries_before = time.time(), storage.retries()
     run = _Run.create(ScanPlan.create(model_url, source, out, cfg, threshold, metrics_cfg), options, hooks,
                       t_start)
+    run.driver_retries = retries_before          # the listing's retries count too
     storage.remove(storage.join(run.plan.out, "_SUCCESS"))   # a reused OUT is unfinished until this run is
     queue = _resume(run)
     shape = _pool_shape(options, ensure_ray(options.address))
@@ -395,7 +417,9 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
     try:
         _dispatch(run, queue, shape, workers)
         summary = _finalise(run, shape, workers)
+        run.count_driver_retries()
     except BaseException:
+        run.count_driver_retries()
         run.telemetry.finish({"images": len(run.items), "scanned": run.ledger.count(Outcome.OK),
                               "failed": len(run.ledger.errors), "seconds": run.seconds()}, ok=False)
         raise
@@ -437,7 +461,10 @@ def _dispatch(run: _Run, queue: deque[_Item], shape: _Shape, workers: int) -> No
     while queue or pool.inflight:
         pool.fill(queue)
         run.telemetry.in_flight(len(pool.inflight))
+        run.count_driver_retries()
         for item, outcome, value in pool.results():
+            if outcome is Outcome.OK:
+                run.retried_requests(value.retries)
             if outcome is Outcome.LOST:
                 _lost(run, queue, item, value)
             elif outcome is Outcome.FAILED:
@@ -491,6 +518,7 @@ def _finalise(run: _Run, shape: _Shape, workers: int) -> dict:
     """Write errors.jsonl, the metrics, manifest.json and, last, _SUCCESS; returns the summary."""
     out, ledger = run.plan.out, run.ledger
     storage.write_text(storage.join(out, "errors.jsonl"), "".join(e.to_json() + "\n" for e in ledger.errors))
+    run.count_driver_retries()
     summary = _summary(run, shape, workers)
     evaluation = ledger.evaluation()
     if evaluation is not None and evaluation.images:
@@ -513,7 +541,8 @@ def _summary(run: _Run, shape: _Shape, workers: int) -> dict:
             "scan_fingerprint": plan.fingerprint, "source": plan.source, "out": plan.out,
             "images": len(run.items), "scanned": ledger.count(Outcome.OK),
             "skipped": ledger.count(Outcome.SKIPPED), "failed": ledger.count(Outcome.ERROR),
-            "retried": run.retried, "tiles": ledger.tiles, "workers": workers,
+            "retried": run.retried, "storage_retries": run.storage_retries, "tiles": ledger.tiles,
+            "workers": workers,
             "gpus_per_worker": shape.gpus, "cpus_per_worker": shape.cpus, "depth": shape.depth,
             "concurrency": shape.concurrency, "compute_slots": shape.slots, "threads_per_slot": shape.threads,
             "threshold": plan.threshold, "stride": plan.cfg.stride, "precision": plan.cfg.precision,

@@ -67,19 +67,22 @@ def default_run_name(patches_url: str, model_url: str, model_cfg: ModelConfig, t
 
 
 def _storage_fs(url: str):
-    """(storage_path, pyarrow filesystem) for Ray Train; S3 gets the configured endpoint, credentials
-    come from the workers' environment (never from the command line or a config)."""
+    """(storage_path, pyarrow filesystem) for Ray Train; S3 gets the configured endpoint and the
+    storage retry policy's attempts and timeouts, credentials come from the workers' environment
+    (never from the command line or a config)."""
     if storage.is_local(url):
         return os.path.abspath(storage.local_path(url)), None
     import pyarrow.fs as pafs
 
     endpoint = storage.s3_endpoint()         # pyarrow reads no endpoint variable of its own
-    retries = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
+    policy = storage.RETRY
+    client = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=policy.attempts),
+              "connect_timeout": policy.connect_timeout, "request_timeout": policy.read_timeout}
     if endpoint:
         region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region, retry_strategy=retries)
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region, **client)
     else:
-        fs = pafs.S3FileSystem(retry_strategy=retries)
+        fs = pafs.S3FileSystem(**client)
     return url.split("://", 1)[1].rstrip("/"), fs
 
 

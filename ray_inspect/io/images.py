@@ -183,10 +183,13 @@ def decode(data: bytes, url: str, channels: int = 1) -> np.ndarray:
 
 
 def fetch(url: str) -> bytes:
-    """An image file's bytes; an unreadable one is bad input."""
+    """An image file's bytes; a missing or forbidden one is bad input (a store that stays
+    unreachable is not: its StorageError goes on)."""
     try:
         return storage.read_bytes(url)
     except storage.StorageError as exc:
+        if exc.transient:
+            raise
         raise InputError(url, str(exc).split(": ", 1)[-1], FailureKind.UNREADABLE) from None
 
 

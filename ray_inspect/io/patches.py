@@ -146,7 +146,7 @@ def prepare(dataset: str, out: str, cfg: PrepareConfig = PrepareConfig(),
             y = int(where[i, 0] * (img.shape[1] - p + 1))
             x = int(where[i, 1] * (img.shape[2] - p + 1))
             block[j] = img[:, y : y + p, x : x + p]
-        arr[start:stop] = block
+        write_rows(arr, start, block)
         digest.update(block.tobytes())
         if progress:
             progress(stop - start)
@@ -155,6 +155,18 @@ def prepare(dataset: str, out: str, cfg: PrepareConfig = PrepareConfig(),
              "images": len(urls), "fingerprint": digest.hexdigest()[:16]}
     arr.attrs.update(attrs)
     return attrs
+
+
+@storage.retrying
+def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a patch array, retried like every other storage request."""
+    return array[start:stop]
+
+
+@storage.retrying
+def write_rows(array: zarr.Array, start: int, block: np.ndarray) -> None:
+    """Write ``block`` at row ``start`` (whole chunks: a retry rewrites the same bytes)."""
+    array[start : start + len(block)] = block
 
 
 def open_patches(url: str) -> zarr.Array:

@@ -1,8 +1,9 @@
 """Object storage through fsspec: local paths, file://, s3:// (any S3-compatible endpoint).
 
-Writes are atomic (a reader sees the old object or the new one, never a part) and idempotent;
-transient errors are retried with exponential backoff. Credentials come from the environment or
-an AWS profile and are never logged; the endpoint of an S3-compatible store from
+Writes are atomic (a reader sees the old object or the new one, never a part) and idempotent.
+Transient errors are retried here, by one policy (``config.RetryPolicy``), and nowhere below: s3fs
+and botocore make a single attempt per request. Credentials come from the environment or an AWS
+profile and are never logged; the endpoint of an S3-compatible store from
 ``RAY_INSPECT_S3_ENDPOINT``, else botocore's own ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``.
 """
 
@@ -10,38 +11,105 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import posixpath
+import random
 import shutil
 import tempfile
+import threading
 import uuid
 
 import fsspec
 from fsspec.core import url_to_fs
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import RetryCallState, retry, retry_if_exception
+
+from ray_inspect.config import RetryPolicy
 
 ENDPOINT_ENV = "RAY_INSPECT_S3_ENDPOINT"
+RETRY = RetryPolicy()
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+log = logging.getLogger("ray_inspect")
 
 
 class StorageError(OSError):
-    """A URL could not be read or written; the message names the URL and the reason."""
+    """A URL could not be read or written; the message names the URL and the reason. ``transient``:
+    the store kept failing (unreachable, timing out) until the retry policy gave up, as opposed to
+    answering that the object is missing or may not be read."""
+
+    transient = False
+
+
+try:  # the S3 client's own errors: connection failures are not OSErrors and escape s3fs untranslated
+    import s3fs
+    from botocore.exceptions import BotoCoreError as _BotoCoreError
+    from botocore.exceptions import ConnectionError as _BotoConnectionError
+    from botocore.exceptions import HTTPClientError as _BotoHTTPError
+
+    _CLIENT_TRANSIENT: tuple[type[BaseException], ...] = (
+        _BotoConnectionError, _BotoHTTPError, *s3fs.core.S3_RETRYABLE_ERRORS)
+    s3fs.S3FileSystem.retries = 1       # s3fs's own retry loops (requests, and reads of open files):
+    s3fs.core.S3File.retries = 1        # one attempt, the policy above retries
+except ImportError:  # pragma: no cover - s3fs not installed
+    class _BotoCoreError(Exception):
+        pass
+
+    _CLIENT_TRANSIENT = ()
 
 
 def _transient(exc: BaseException) -> bool:
-    permanent = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError)
+    """Worth another try: timeouts, refused or dropped connections, throttling and server errors
+    (which s3fs turns into plain OSErrors); not a missing object, a refusal or a bad request."""
+    permanent = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                 FileExistsError, StorageError)
     if isinstance(exc, permanent):
         return False
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError, *_CLIENT_TRANSIENT))
 
 
-retrying = retry(
-    retry=retry_if_exception(_transient),
-    stop=stop_after_attempt(5),
-    wait=wait_exponential(multiplier=0.2, max=5),
-    reraise=True,
-)
+class _Retries(threading.local):
+    count = 0
+
+
+_thread_retries = _Retries()
+_retries_lock = threading.Lock()
+_process_retries = [0]
+
+
+def retries() -> int:
+    """Requests retried in this process so far (a process-wide, monotonic count)."""
+    return _process_retries[0]
+
+
+def thread_retries() -> int:
+    """Requests retried by this thread so far: the difference across a piece of work is its count."""
+    return _thread_retries.count
+
+
+def _note_retry(state: RetryCallState) -> None:
+    _thread_retries.count += 1
+    with _retries_lock:
+        _process_retries[0] += 1
+    exc = state.outcome.exception() if state.outcome else None
+    url = state.args[0] if state.args and isinstance(state.args[0], str) else "object storage"
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning("%s: %s; try %d of %d in %.1f s", url, short_reason(exc) if exc else "failed",
+                state.attempt_number + 1, RETRY.attempts, wait)
+
+
+def _out_of_attempts(state: RetryCallState) -> bool:
+    return state.attempt_number >= RETRY.attempts
+
+
+def _wait(state: RetryCallState) -> float:
+    """The policy's backoff before the next try: exponential, capped, plus random jitter."""
+    wait = min(RETRY.max_wait, RETRY.first_wait * 2 ** (state.attempt_number - 1))
+    return wait + random.uniform(0, RETRY.jitter)
+
+
+retrying = retry(retry=retry_if_exception(_transient), stop=_out_of_attempts, wait=_wait,
+                 before_sleep=_note_retry, reraise=True)
 
 
 ENDPOINT_ENVS = (ENDPOINT_ENV, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")   # the first one set wins
@@ -54,11 +122,14 @@ def s3_endpoint() -> str | None:
 
 
 def storage_options(url: str) -> dict:
-    """fsspec options for a URL: the S3 endpoint from the environment, nothing else."""
-    if url.startswith(("s3://", "s3a://")):
-        endpoint = s3_endpoint()
-        return {"endpoint_url": endpoint} if endpoint else {}
-    return {}
+    """fsspec options for a URL: for S3, the endpoint from the environment and a client that tries
+    each request once, with the policy's timeouts (``RETRY`` does the retrying)."""
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    client = {"retries": {"mode": "standard", "total_max_attempts": 1},
+              "connect_timeout": RETRY.connect_timeout, "read_timeout": RETRY.read_timeout}
+    endpoint = s3_endpoint()
+    return {"config_kwargs": client, **({"endpoint_url": endpoint} if endpoint else {})}
 
 
 def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -111,13 +182,7 @@ def short_reason(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else exc.__class__.__name__)[:200]
 
 
-try:  # botocore errors (e.g. EndpointConnectionError) are not OSErrors and escape s3fs untranslated
-    from botocore.exceptions import BotoCoreError as _BotoCoreError
-except ImportError:  # pragma: no cover - s3fs not installed
-    class _BotoCoreError(Exception):
-        pass
-
-_FAILURES = (OSError, ValueError, _BotoCoreError)
+_FAILURES = (OSError, ValueError, _BotoCoreError, *_CLIENT_TRANSIENT)
 
 
 def _error(url: str, exc: BaseException, action: str) -> StorageError:
@@ -130,7 +195,9 @@ def _error(url: str, exc: BaseException, action: str) -> StorageError:
         return StorageError(f"{url}: permission denied")
     if isinstance(exc, IsADirectoryError):
         return StorageError(f"{url}: is a directory")
-    return StorageError(f"{url}: cannot {action} ({short_reason(exc)})")
+    error = StorageError(f"{url}: cannot {action} ({short_reason(exc)})")
+    error.transient = _transient(exc)
+    return error
 
 
 def _storage_call(action: str):

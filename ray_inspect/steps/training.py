@@ -19,6 +19,7 @@ from ray_inspect.core.inference import precision_context, resolve_precision
 from ray_inspect.core.losses import LossFn, make_loss
 from ray_inspect.core.model import build_model
 from ray_inspect.io.artifact import ModelCard, load_alexnet, score_range
+from ray_inspect.io.patches import read_rows
 
 
 def check_layout(n: int, world: int, batch_size: int) -> None:
@@ -95,7 +96,8 @@ class PatchBatches:
         want = next(sizes, None)
         carry = np.empty((0,) + self.array.shape[1:], np.uint8)
         for w in range(0, len(pieces), self.window):
-            pool = np.concatenate([carry] + [self.array[a:b] for a, b in pieces[w : w + self.window]])
+            rows = [read_rows(self.array, a, b) for a, b in pieces[w : w + self.window]]
+            pool = np.concatenate([carry, *rows])
             pool = pool[rng.permutation(len(pool))]
             s = 0
             while want is not None and len(pool) - s >= want:

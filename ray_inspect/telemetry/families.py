@@ -32,6 +32,9 @@ class ScanMetrics:
             "ray_inspect_read_bytes", "Bytes of input images (and masks) read.", registry=registry)
         self.written_bytes = Counter(
             "ray_inspect_written_bytes", "Bytes of masks, residuals and records written.", registry=registry)
+        self.storage_retries = Counter(
+            "ray_inspect_storage_retries", "Object-storage requests retried after a transient error "
+            "(unreachable store, timeout, throttling), by the scan's actors and driver.", registry=registry)
         self.stage = Histogram(
             "ray_inspect_stage_duration_seconds", "Seconds per image and stage of the scan.", ["stage"],
             buckets=STAGE_BUCKETS, registry=registry)

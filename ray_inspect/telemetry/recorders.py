@@ -51,6 +51,9 @@ class ScanRecorder(Protocol):
     def failed(self, kind: FailureKind | str) -> None:
         """One image not scanned (bad input, or lost with its actor)."""
 
+    def storage_retries(self, n: int) -> None:
+        """``n`` more object-storage requests were retried (by an actor or by the driver)."""
+
     def finish(self, summary: dict, ok: bool) -> None:
         """Run ends; ``ok`` when it finished and wrote its outputs."""
 
@@ -191,6 +194,10 @@ class ScanTelemetry(_Run):
         self.m.failed.labels(reason=FailureKind.of(kind).value).inc()
         self._done("failed")
 
+    def storage_retries(self, n: int) -> None:
+        """``n`` more object-storage requests were retried (by an actor or by the driver)."""
+        self.m.storage_retries.inc(n)
+
     def _done(self, result: str, tiles: int = 0) -> None:
         with self._lock:
             self._counts[result] += 1
@@ -284,6 +291,7 @@ class _NullScan:
     def in_flight(self, n: int) -> None: ...
     def image(self, record: ImageRecord) -> None: ...
     def failed(self, kind: FailureKind | str) -> None: ...
+    def storage_retries(self, n: int) -> None: ...
     def counts(self) -> dict[str, int]: return {}
     def finish(self, summary: dict, ok: bool) -> None: ...
 

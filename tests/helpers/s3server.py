@@ -37,6 +37,24 @@ _PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.gr
                "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
 
 
+class WeedProcess:
+    """The ``weed mini`` process behind an endpoint: it can be stopped and started again on the
+    same data, ports and credentials (an outage, as a client sees it)."""
+
+    def __init__(self, cmd: list[str], root: str, log_path: str):
+        self.cmd, self.root, self.log_path = cmd, root, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
+
+    def stop(self, grace: float = 3.0) -> None:
+        if self.proc is not None:
+            _stop(self.proc, grace)
+
+
 @dataclass(frozen=True)
 class S3Server:
     """A running S3 endpoint and the credentials and bucket to use with it."""
@@ -46,6 +64,20 @@ class S3Server:
     secret_key: str = field(repr=False)
     bucket: str
     region: str = REGION
+    process: WeedProcess | None = field(default=None, repr=False, compare=False)
+
+    @contextlib.contextmanager
+    def outage(self, timeout: float = 60.0) -> Iterator[None]:
+        """The server is down (SIGTERM) inside the ``with`` block; afterwards it is started again on
+        the same data and answers S3 requests before the block returns."""
+        assert self.process is not None, "only a server started by s3_server can be stopped"
+        self.process.stop()
+        try:
+            yield
+        finally:
+            self.process.start()
+            _wait_and_create_bucket(self.process.proc, self.endpoint, self.access_key, self.secret_key,
+                                    self.bucket, timeout, self.process.log_path)
 
     def url(self, *parts: str) -> str:
         """``s3://<bucket>/<parts...>``."""
@@ -156,15 +188,14 @@ def s3_server(bucket: str = "ray-inspect-test", directory: str | None = None, ti
            "-s3.port.lance=0", f"-s3.config={identities}", *(f"-{k}={v}" for k, v in ports.items())]
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     log_path = os.path.join(root, "weed.log")
+    process = WeedProcess(cmd, root, log_path)
     try:
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=root, start_new_session=True)
-            try:
-                _wait_and_create_bucket(proc, endpoint, access_key, secret_key, bucket, timeout, log_path)
-                yield S3Server(endpoint, access_key, secret_key, bucket)
-            finally:
-                _stop(proc, stop_grace)
+        process.start()
+        try:
+            _wait_and_create_bucket(process.proc, endpoint, access_key, secret_key, bucket, timeout, log_path)
+            yield S3Server(endpoint, access_key, secret_key, bucket, process=process)
+        finally:
+            process.stop(stop_grace)
     finally:
         # weed leaves unix sockets named after its ports in /tmp; remove ours (and only ours).
         for port in ports.values():

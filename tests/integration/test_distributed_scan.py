@@ -38,13 +38,14 @@ class Recorder:
     """A telemetry that remembers what the scan reported."""
 
     def __init__(self):
-        self.images, self.failures, self.finished = [], [], None
+        self.images, self.failures, self.finished, self.retries = [], [], None, 0
 
     def start(self, info): self.info = info
     def actors(self, n): pass
     def in_flight(self, n): pass
     def image(self, record): self.images.append(record.key)
     def failed(self, kind): self.failures.append(kind)
+    def storage_retries(self, n): self.retries += n
     def finish(self, summary, ok): self.finished = ok
 
 
@@ -175,6 +176,51 @@ def test_killed_actor_images_retried_and_counted_once(ray_session, calibrated, a
     assert metrics["images"] == 40 and metrics == json.loads(Path(clean[2], "metrics.json").read_text())
     _outputs_equal(str(out), clean[2], _stems(archive))
     assert ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_an_s3_outage_mid_scan_is_ridden_out_and_its_retries_counted(ray_session, s3, calibrated, archive,
+                                                                    clean):
+    """SeaweedFS is stopped for 10 s while the actors read and write through it, then started again
+    on the same data: the scan finishes with the clean run's outputs, every image counted once, and
+    the retries that carried it through in the summary and in Prometheus's counter."""
+    from prometheus_client import CollectorRegistry
+
+    from ray_inspect.telemetry import ScanMetrics, ScanTelemetry
+
+    src, out = s3.url("outage", storage.unique_suffix()), s3.url("outage-out", storage.unique_suffix())
+    for f in sorted(Path(archive).rglob("*")):
+        if f.is_file():
+            storage.write_bytes(storage.join(src, f.relative_to(archive).as_posix()), f.read_bytes())
+    registry = CollectorRegistry()
+    telemetry = ScanTelemetry(ScanMetrics(registry))
+    down: dict[str, float] = {}
+
+    def outage():
+        with s3.outage():
+            down["from"] = time.time()
+            time.sleep(10)
+        down["to"] = time.time()
+
+    stopper = threading.Thread(target=outage)
+
+    def progress(p):
+        if p.done == 4 and not stopper.is_alive() and not down:
+            stopper.start()
+
+    summary = scan(calibrated[0], src, out, CFG, options=ScanOptions(workers=2), telemetry=telemetry,
+                   progress=progress)
+    finished = time.time()
+    stopper.join()
+    assert down["to"] - down["from"] >= 10 and finished > down["to"]     # the scan outlived the outage
+    assert summary["scanned"] == 40 and summary["failed"] == 0 and summary["exit_code"] == EXIT_OK
+    retries = summary["storage_retries"]
+    assert retries >= 2                                    # both actors waited for the store
+    assert registry.get_sample_value("ray_inspect_storage_retries_total") == retries
+    assert registry.get_sample_value("ray_inspect_images_scanned_total") == 40
+    metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
+    assert metrics == json.loads(Path(clean[2], "metrics.json").read_text())
+    _outputs_equal(out, clean[2], _stems(archive))
 
 
 @pytest.mark.slow

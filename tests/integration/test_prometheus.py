@@ -59,7 +59,7 @@ def test_dashboard_covers_the_issue():
                    "ray_inspect_tiles_processed_total", "ray_inspect_stage_duration_seconds_bucket",
                    "ray_inspect_scan_images", "ray_inspect_scan_last_success_timestamp_seconds",
                    "ray_inspect_train_loss", "ray_inspect_train_patches_per_second",
-                   "ray_inspect_train_checkpoint_duration_seconds_sum"):
+                   "ray_inspect_train_checkpoint_duration_seconds_sum", "ray_inspect_storage_retries_total"):
         assert metric in exprs, metric
     assert "histogram_quantile(0.95" in exprs
 

@@ -55,6 +55,9 @@ class _Recorder:
     def failed(self, kind):
         self.failures.append(kind)
 
+    def storage_retries(self, n):
+        raise AssertionError(f"no storage request was retried, yet {n} were reported")
+
 
 def test_driver_accounts_every_image_once_and_writes_errors_and_manifest(tmp_path):
     """The driver's handlers without Ray: scanned, lost too often, failed on storage."""

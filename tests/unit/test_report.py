@@ -54,3 +54,10 @@ def test_stale_unreadable_and_orphaned_records_are_left_out_and_counted(tmp_path
     assert rep["ignored_records"] == 3                         # old.png, broken.json, c.png (input gone)
     assert gone.key not in "".join(rep["written"])
     assert "ignored" in summary_table(rep) and "3 record(s)" in summary_table(rep)
+
+
+def test_summary_table_shows_retried_storage_requests_only_when_there_were_some():
+    scan = {"images": 4, "scanned": 4, "failed": 0, "threshold": None}
+    assert "retries" not in summary_table({"scan": {**scan, "storage_retries": 0}})
+    table = summary_table({"scan": {**scan, "storage_retries": 7}})
+    assert table.splitlines()[-1].split() == ["retries", "7", "object-storage", "request(s)", "retried"]

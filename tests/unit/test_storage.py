@@ -1,7 +1,9 @@
-"""Atomic, idempotent writes and listing on local paths."""
+"""Atomic, idempotent writes and listing on local paths; the retry policy against a real S3 client."""
 
+import http.server
 import os
 import posixpath
+import threading
 
 import pytest
 
@@ -51,7 +53,7 @@ def test_names_that_start_with_two_dots_are_below_the_root_and_listed(tmp_path):
 
 def test_endpoint_from_environment(monkeypatch):
     monkeypatch.setenv(storage.ENDPOINT_ENV, "http://127.0.0.1:9")
-    assert storage.storage_options("s3://b/k") == {"endpoint_url": "http://127.0.0.1:9"}
+    assert storage.storage_options("s3://b/k")["endpoint_url"] == "http://127.0.0.1:9"
     assert storage.storage_options("/tmp/x") == {}
 
 
@@ -63,7 +65,7 @@ def test_botocores_endpoint_variables_alone_reach_s3fs_and_pyarrow(monkeypatch):
     for var in storage.ENDPOINT_ENVS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:19")
-    assert storage.storage_options("s3://b/k") == {"endpoint_url": "http://127.0.0.1:19"}
+    assert storage.storage_options("s3://b/k")["endpoint_url"] == "http://127.0.0.1:19"
     path, fs = _storage_fs("s3://b/runs")
     assert path == "b/runs" and fs.__reduce__()[1][0]["endpoint_override"] == "http://127.0.0.1:19"
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:29")
@@ -131,3 +133,94 @@ def test_output_stems_of_hostile_keys_are_distinct_and_safe():
     stems = output_stems(keys)
     assert len(set(stems.values())) == len(keys)
     assert [stems[k] for k in keys] == ["a.png", "a.png.tiff", "a.tiff", "x/%2E%2E/a", "%2Fa", "%252Fa"]
+
+
+class _S3Stub(http.server.ThreadingHTTPServer):
+    """An S3 endpoint on 127.0.0.1 that counts the requests it gets and answers every one alike:
+    503 SlowDown (throttling), or 404 NoSuchKey for paths that contain "missing". (s3fs reads an
+    object with one request here: a HEAD, which fails.)"""
+
+    def __init__(self):
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(handler):  # noqa: N805 - the server is self
+                self.requests += 1
+                status, code = (404, "NoSuchKey") if "missing" in handler.path else (503, "SlowDown")
+                body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>{code}</Message></Error>").encode()
+                handler.send_response(status)
+                handler.send_header("Content-Type", "application/xml")
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                if handler.command != "HEAD":
+                    handler.wfile.write(body)
+
+            do_HEAD = do_PUT = do_POST = do_GET
+
+            def log_message(handler, *args):  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """Three tries, hardly any waiting, dummy credentials; s3fs's cached clients forgotten."""
+    import s3fs
+
+    from ray_inspect.config import RetryPolicy
+
+    policy = RetryPolicy(attempts=3, first_wait=0.01, max_wait=0.02, jitter=0.0, connect_timeout=2)
+    monkeypatch.setattr(storage, "RETRY", policy)
+    for var in (*storage.ENDPOINT_ENVS, "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS",
+                "AWS_RETRY_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield policy
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_throttled_request_is_sent_as_often_as_the_policy_says(fast_retries, monkeypatch):
+    """One retry layer: s3fs and botocore send each try once, so the endpoint sees exactly the
+    policy's attempts, each retry is counted, and the error says the store kept failing."""
+    stub = _S3Stub()
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv(storage.ENDPOINT_ENV, f"http://127.0.0.1:{stub.server_address[1]}")
+        before, thread_before = storage.retries(), storage.thread_retries()
+        with pytest.raises(storage.StorageError, match=r"^s3://b/busy.png: cannot read") as busy:
+            storage.read_bytes("s3://b/busy.png")
+        assert stub.requests == fast_retries.attempts == 3 and busy.value.transient
+        assert storage.retries() - before == storage.thread_retries() - thread_before == 2
+        before = storage.retries()
+        with pytest.raises(storage.StorageError, match="no such file") as missing:
+            storage.read_bytes("s3://b/missing.png")
+        assert storage.retries() == before and not missing.value.transient
+    finally:
+        stub.shutdown()
+        stub.server_close()
+
+
+def test_an_unreachable_store_is_retried_and_is_not_a_bad_input(fast_retries, monkeypatch):
+    """Connection refused (botocore's EndpointConnectionError, not an OSError) is transient; an
+    image that cannot be fetched for that reason is a storage failure, not an unreadable input."""
+    from helpers.s3server import free_ports
+    from ray_inspect.io.images import fetch
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
+    before = storage.retries()
+    with pytest.raises(storage.StorageError, match="cannot read") as refused:
+        fetch("s3://b/a.png")
+    assert refused.value.transient and type(refused.value) is storage.StorageError
+    assert storage.retries() - before == fast_retries.attempts - 1
+
+
+def test_the_policy_waits_long_enough_to_ride_out_a_short_outage():
+    from ray_inspect.config import RetryPolicy
+
+    assert RetryPolicy().budget() == 0.5 + 1 + 2 + 4 + 8 + 10 * 4
+    assert RetryPolicy(attempts=1).budget() == 0
