@@ -352,16 +352,21 @@ class _ScanProgress:
               show_default=True,
               help="Images with more pixels are processed in bands of about this many (bounded memory).")
 @click.option("--force", is_flag=True, help="Redo images whose outputs are already complete.")
+@click.option("--allow-bad-inputs", is_flag=True,
+              help="Exit 0 when the only images not scanned are bad inputs (still listed in OUT/errors.jsonl "
+                   "and counted in the metrics); storage failures and lost actors still exit 3.")
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def scan(ctx, model, source, out, stride, precision, batch_size, max_pixels, threshold, workers,  # noqa: PLR0913 - one argument per click option
-         gpus_per_worker, cpus_per_worker, concurrency, region_pixels, force, address, as_json):
+         gpus_per_worker, cpus_per_worker, concurrency, region_pixels, force, allow_bad_inputs, address,
+         as_json):
     """Scan SOURCE (MVTec root, folder or s3:// prefix) with MODEL on Ray actors into OUT.
 
     Rerunning the same command resumes: images whose outputs are complete for the same model and
-    settings are skipped. Exit status: 0 every image scanned, 3 finished with bad inputs (listed in
-    OUT/errors.jsonl), 2 the scan could not run.
+    settings are skipped. Exit status: 0 every image scanned (or, with --allow-bad-inputs, every
+    failure a bad input), 3 finished with images not scanned (listed in OUT/errors.jsonl), 2 the
+    scan could not run.
     """
     import logging
     from dataclasses import replace
@@ -372,7 +377,7 @@ def scan(ctx, model, source, out, stride, precision, batch_size, max_pixels, thr
 
     options = ScanOptions(workers=workers, gpus_per_worker=gpus_per_worker,
                           cpus_per_worker=cpus_per_worker, concurrency=concurrency, force=force,
-                          address=address)
+                          allow_bad_inputs=allow_bad_inputs, address=address)
     cfg = replace(_inspect_cfg(stride, precision, batch_size, max_pixels), region_pixels=region_pixels)
     tel = ctx.find_root().obj["telemetry"]
     bar = _ScanProgress(tel)

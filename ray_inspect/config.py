@@ -208,6 +208,7 @@ class ScanOptions:
     max_attempts: int = 3                 # an image whose actor dies this often is recorded as lost
     shard_size: int = 256                 # images of the listing per statistics shard
     force: bool = False                   # redo images whose outputs are complete
+    allow_bad_inputs: bool = False        # exit 0, not 3, when every failure is a bad input
     address: str | None = None            # Ray cluster to join (default RAY_ADDRESS, else local)
 
 

@@ -40,6 +40,13 @@ class FailureKind(StrEnum):
         except ValueError:
             return cls.OTHER
 
+    @property
+    def bad_input(self) -> bool:
+        """The file itself is at fault (what ``--allow-bad-inputs`` accepts); not a store that stayed
+        unreachable, an actor lost, a bug, or a kind this version does not know."""
+        return self not in (FailureKind.STORAGE, FailureKind.WORKER_DIED, FailureKind.INTERNAL,
+                            FailureKind.OTHER)
+
 
 class InputError(ValueError):
     """A bad input file; str() is one line naming the file and the problem."""

@@ -365,7 +365,7 @@ class _Run:
                      len(samples) - len(kept))
             samples = kept
         if not samples:
-            raise FileNotFoundError(f"{plan.source}: no images (PNG, TIFF, JPEG) found")
+            raise FileNotFoundError(f"{plan.source}: no images (PNG, TIFF, JPEG, BMP) found")
         stems = output_stems([s.key for s in samples])
         items = [_Item(i, s, stems[s.key]) for i, s in enumerate(samples)]
         ledger = _Ledger(samples, options.shard_size, plan.card.score_range, plan.metrics_cfg, plan.out)
@@ -531,8 +531,15 @@ def _finalise(run: _Run, shape: _Shape, workers: int) -> dict:
     manifest = json.dumps({**summary, "entries": entries}, indent=2)
     storage.write_text(storage.join(out, "manifest.json"), manifest)
     storage.write_text(storage.join(out, "_SUCCESS"), "")
-    summary["exit_code"] = EXIT_PARTIAL if ledger.errors else EXIT_OK
+    summary["exit_code"] = _exit_code(ledger.errors, run.options.allow_bad_inputs)
     return summary
+
+
+def _exit_code(errors: list[ScanError], allow_bad_inputs: bool) -> int:
+    """0 when every image was scanned (or, allowing bad inputs, when every failure is one), else 3."""
+    if not errors or (allow_bad_inputs and all(FailureKind.of(e.kind).bad_input for e in errors)):
+        return EXIT_OK
+    return EXIT_PARTIAL
 
 
 def _summary(run: _Run, shape: _Shape, workers: int) -> dict:
@@ -541,6 +548,7 @@ def _summary(run: _Run, shape: _Shape, workers: int) -> dict:
             "scan_fingerprint": plan.fingerprint, "source": plan.source, "out": plan.out,
             "images": len(run.items), "scanned": ledger.count(Outcome.OK),
             "skipped": ledger.count(Outcome.SKIPPED), "failed": ledger.count(Outcome.ERROR),
+            "failed_by_kind": dict(sorted(Counter(str(e.kind) for e in ledger.errors).items())),
             "retried": run.retried, "storage_retries": run.storage_retries, "tiles": ledger.tiles,
             "workers": workers,
             "gpus_per_worker": shape.gpus, "cpus_per_worker": shape.cpus, "depth": shape.depth,

@@ -52,7 +52,7 @@ def train_images(root: str) -> list[str]:
     good = storage.join(root, "train", "good")
     urls = _images_below(good if storage.isdir(good) else root)
     if not urls:
-        raise FileNotFoundError(f"{root}: no training images (PNG, TIFF, JPEG) found")
+        raise FileNotFoundError(f"{root}: no training images (PNG, TIFF, JPEG, BMP) found")
     return urls
 
 

@@ -50,7 +50,7 @@ COMBINATIONS = {
                                 "nodeSelectorTerms": [{"matchExpressions": [
                                     {"key": "zone", "operator": "In", "values": ["a", "b"]}]}]}}}}},
         "training": {"runName": "fabric-v2", "extraArgs": ["--latent", "128"], "useGpu": False},
-        "scan": {"force": True, "gpusPerWorker": 0.5, "partialIsSuccess": False, "schedule": "30 1 * * 1-5",
+        "scan": {"force": True, "gpusPerWorker": 0.5, "allowBadInputs": False, "schedule": "30 1 * * 1-5",
                  "timeZone": "Europe/Berlin", "model": "s3://ray-inspect/models/fabric-v2"}},
 }
 
@@ -193,12 +193,10 @@ def test_nightly_cronjob_creates_a_rayjob_with_least_privilege(chart):
 
 def test_scan_rayjob(chart):
     spec = scan_rayjob(render(chart))
-    cmd, _, fallback = spec["entrypoint"].partition(" || ")
-    assert shlex.split(cmd) == [
+    assert shlex.split(spec["entrypoint"]) == [
         "ray-inspect", "--metrics-port", "9400", "--metrics-bind", "0.0.0.0", "--log-format", "json",
         "scan", "s3://ray-inspect/models/fabric", "s3://ray-inspect/incoming", "s3://ray-inspect/scans/nightly",
-        "--workers", "4", "--gpus-per-worker", "1", "--address", "auto"]
-    assert fallback == "test $? -eq 3"
+        "--workers", "4", "--gpus-per-worker", "1", "--address", "auto", "--allow-bad-inputs"]
     limits = (spec["shutdownAfterJobFinishes"], spec["activeDeadlineSeconds"], spec["backoffLimit"])
     assert limits == (True, 21600, 2)
 

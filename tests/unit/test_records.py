@@ -95,3 +95,19 @@ def test_driver_accounts_every_image_once_and_writes_errors_and_manifest(tmp_pat
                                                                       ("c.png", "error")]
     assert (summary["scanned"], summary["failed"], summary["retried"], summary["tiles"]) == (1, 2, 2, 5)
     assert summary["exit_code"] == driver.EXIT_PARTIAL and (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_allowing_bad_inputs_forgives_bad_files_only():
+    """--allow-bad-inputs: exit 0 when every failure is the file's fault; a store that stayed
+    unreachable, a lost actor, a bug or an unknown kind still exit 3."""
+    def errors(*kinds):
+        return [ScanError(f"{k}.png", f"/d/{k}.png", "r", FailureKind.of(k)) for k in kinds]
+
+    bad_files = errors("corrupt", "empty", "size", "format", "unreadable", "mask")
+    assert driver._exit_code([], False) == driver._exit_code([], True) == driver.EXIT_OK
+    assert driver._exit_code(bad_files, False) == driver.EXIT_PARTIAL
+    assert driver._exit_code(bad_files, True) == driver.EXIT_OK
+    for kind in ("storage", "worker_died", "internal", "something-new"):
+        assert driver._exit_code(bad_files + errors(kind), True) == driver.EXIT_PARTIAL, kind
+    not_bad_inputs = [k.value for k in FailureKind if not k.bad_input]
+    assert not_bad_inputs == ["storage", "worker_died", "internal", "other"]

@@ -97,13 +97,14 @@ ray-inspect --metrics-port {{ $t.metricsPort | int }} --metrics-bind 0.0.0.0 --l
 {{- if kindIs "invalid" .Values.scan.gpusPerWorker }}{{ ternary 1 0 .Values.workers.gpu.enabled }}{{ else }}{{ .Values.scan.gpusPerWorker }}{{ end }}
 {{- end }}
 
-{{/* The scan entrypoint; with partialIsSuccess, exit 3 (some bad inputs) ends the job as success. */}}
+{{/* The scan entrypoint: one command, no shell syntax (KubeRay joins it into the submitter's own
+command line); with allowBadInputs, a night whose only failures are bad inputs exits 0. */}}
 {{- define "ray-inspect.scanEntrypoint" -}}
 {{- $s := .Values.scan -}}
 {{ include "ray-inspect.globalArgs" . }} scan {{ $s.model | default .Values.training.model }} {{ $s.source }} {{ $s.out }} --workers {{ $s.workers | int }} --gpus-per-worker {{ include "ray-inspect.scanGpus" . }} --address auto
 {{- if $s.force }} --force{{ end }}
+{{- if $s.allowBadInputs }} --allow-bad-inputs{{ end }}
 {{- range $s.extraArgs }} {{ . }}{{ end }}
-{{- if $s.partialIsSuccess }} || test $? -eq 3{{ end }}
 {{- end }}
 
 {{/* Resources of a worker group, with the GPUs added to requests and limits. */}}
