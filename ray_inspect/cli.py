@@ -37,7 +37,7 @@ class OneLineErrors(click.Group):
 
         try:
             return super().invoke(ctx)
-        except (InputError, StorageError, FileNotFoundError, ValueError) as exc:
+        except (InputError, StorageError, FileNotFoundError, ValueError, TimeoutError) as exc:
             click.echo(f"ray-inspect: error: {exc}", err=True)
             sys.exit(2)
         except Exception as exc:
@@ -203,12 +203,17 @@ def prepare(dataset, patches, n, short_side, scale, channels, chunk, seed, as_js
 @click.option("--checkpoint-every", default=RunConfig.checkpoint_every, show_default=True, help="Epochs.")
 @click.option("--max-failures", default=RunConfig.max_failures, show_default=True,
               help="Restarts from the last checkpoint when a worker dies.")
+@click.option("--cpus-per-worker", type=click.FloatRange(0, min_open=True), default=None,
+              help="CPUs per worker (default: the cluster's CPUs shared by the workers, at least 1).")
+@click.option("--wait-for-resources", type=click.FloatRange(0), default=ScanOptions.wait_for_resources,
+              show_default=True, metavar="SECONDS",
+              help="How long the workers may wait for their resources (an autoscaler adding "
+                   "nodes) before the command gives up with exit status 2.")
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True)
 def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, precision,  # noqa: PLR0913 - one argument per click option
           lr_schedule, augment, alexnet_weights, seed, workers, use_gpu, storage, run_name, checkpoint_every,
-          max_failures, address,
-          as_json):
+          max_failures, cpus_per_worker, wait_for_resources, address, as_json):
     """Train an autoencoder on PATCHES with Ray Train and write the model directory MODEL."""
     from ray_inspect.distributed.train import TrainHooks, fit
     from ray_inspect.io.patches import open_patches
@@ -220,7 +225,8 @@ def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, pr
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                        precision=precision, lr_schedule=lr_schedule, augment=augment)
     run = RunConfig(workers=workers, use_gpu=use_gpu, storage=storage, run_name=run_name,
-                    checkpoint_every=checkpoint_every, max_failures=max_failures, address=address)
+                    checkpoint_every=checkpoint_every, max_failures=max_failures, address=address,
+                    cpus_per_worker=cpus_per_worker, wait_for_resources=wait_for_resources)
     tel = click.get_current_context().obj["telemetry"]
     lines = _EpochLines(tel, epochs)
     hooks = TrainHooks(on_epoch=lines, telemetry=tel.train(), on_step=lines.step)
@@ -342,7 +348,8 @@ class _ScanProgress:
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Scan actors (default: one per GPU, else one per CPU).")
 @click.option("--gpus-per-worker", type=click.FloatRange(0), default=None,
-              help="GPUs per actor (default: 1 when the cluster has GPUs, else 0).")
+              help="GPUs per actor (default: 1 when the cluster has GPUs up, else 0); asked for, and waited "
+                   "for, whether the cluster has them yet or not.")
 @click.option("--cpus-per-worker", type=click.FloatRange(1), default=None,
               help="CPUs per actor (default: the cluster's CPUs shared by the actors).")
 @click.option("--concurrency", type=click.IntRange(1), default=None,
@@ -352,19 +359,28 @@ class _ScanProgress:
               show_default=True,
               help="Images with more pixels are processed in bands of about this many (bounded memory).")
 @click.option("--force", is_flag=True, help="Redo images whose outputs are already complete.")
+@click.option("--date", "night", default=None, metavar="YYYY-MM-DD",
+              help="The date that {date} in SOURCE and OUT stands for (default: yesterday in --timezone).")
+@click.option("--timezone", default="UTC", show_default=True, envvar="RAY_INSPECT_TIMEZONE",
+              help="Time zone of the default --date (IANA name; env RAY_INSPECT_TIMEZONE).")
 @click.option("--allow-bad-inputs", is_flag=True,
               help="Exit 0 when the only images not scanned are bad inputs (still listed in OUT/errors.jsonl "
                    "and counted in the metrics); storage failures and lost actors still exit 3.")
+@click.option("--wait-for-resources", type=click.FloatRange(0), default=ScanOptions.wait_for_resources,
+              show_default=True, metavar="SECONDS",
+              help="How long the scan actors may wait for their resources (an autoscaler adding "
+                   "nodes) before the command gives up with exit status 2.")
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def scan(ctx, model, source, out, stride, precision, batch_size, max_pixels, threshold, workers,  # noqa: PLR0913 - one argument per click option
-         gpus_per_worker, cpus_per_worker, concurrency, region_pixels, force, allow_bad_inputs, address,
-         as_json):
+         gpus_per_worker, cpus_per_worker, concurrency, region_pixels, force, night, timezone,
+         allow_bad_inputs, wait_for_resources, address, as_json):
     """Scan SOURCE (MVTec root, folder or s3:// prefix) with MODEL on Ray actors into OUT.
 
     Rerunning the same command resumes: images whose outputs are complete for the same model and
-    settings are skipped. Exit status: 0 every image scanned (or, with --allow-bad-inputs, every
+    settings are skipped. SOURCE and OUT may hold {date} (or {date:FORMAT}, strftime) for one
+    night's partition. Exit status: 0 every image scanned (or, with --allow-bad-inputs, every
     failure a bad input), 3 finished with images not scanned (listed in OUT/errors.jsonl), 2 the
     scan could not run.
     """
@@ -372,14 +388,20 @@ def scan(ctx, model, source, out, stride, precision, batch_size, max_pixels, thr
     from dataclasses import replace
 
     from ray_inspect.distributed.scan import scan as run
+    from ray_inspect.partitions import resolve
     from ray_inspect.records import ScanError
     from ray_inspect.report import SUMMARY_KEYS, summary_table
 
+    tel = ctx.find_root().obj["telemetry"]
+    source, out, day = resolve(source, out, night, timezone)
+    if day is not None:
+        tel.say(f"night of {day.isoformat()}: scanning {source} into {out}")
+
     options = ScanOptions(workers=workers, gpus_per_worker=gpus_per_worker,
                           cpus_per_worker=cpus_per_worker, concurrency=concurrency, force=force,
-                          allow_bad_inputs=allow_bad_inputs, address=address)
+                          allow_bad_inputs=allow_bad_inputs, wait_for_resources=wait_for_resources,
+                          address=address)
     cfg = replace(_inspect_cfg(stride, precision, batch_size, max_pixels), region_pixels=region_pixels)
-    tel = ctx.find_root().obj["telemetry"]
     bar = _ScanProgress(tel)
 
     def on_error(err: ScanError) -> None:

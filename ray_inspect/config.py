@@ -17,6 +17,7 @@ MAX_SCALE = 4.0                   # the largest image scale factor (prepare, mod
 Z_MAX = 64.0                      # normalised scores are clipped to [0, Z_MAX] (the ROC's fixed bins)
 LOG_FORMATS = ("text", "json")
 PIPELINE_ENV = "RAY_INSPECT_PIPELINE"
+DEVICE_ENV = "RAY_INSPECT_DEVICE"   # "cpu": compute on CPU where Ray assigned GPUs (tests on fake GPU nodes)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class RunConfig:
     run_name: str | None = None       # default: derived from the inputs, so a rerun resumes
     address: str | None = None        # Ray cluster to join; default RAY_ADDRESS or a local Ray
     cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the workers
+    wait_for_resources: float = 900.0     # seconds the workers may wait for nodes (an autoscaler adding them)
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,7 @@ class ScanOptions:
     force: bool = False                   # redo images whose outputs are complete
     allow_bad_inputs: bool = False        # exit 0, not 3, when every failure is a bad input
     address: str | None = None            # Ray cluster to join (default RAY_ADDRESS, else local)
+    wait_for_resources: float = 900.0     # seconds the actors may wait for nodes (an autoscaler adding them)
 
 
 @dataclass(frozen=True)

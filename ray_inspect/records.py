@@ -48,6 +48,28 @@ class FailureKind(StrEnum):
                             FailureKind.OTHER)
 
 
+class RunFailure(StrEnum):
+    """Why a whole run failed, by the stage it reached (a metric label): its model, its source, the
+    cluster, the resources it waited for, an object store that stayed unreachable, an interruption,
+    or anything else while it ran."""
+
+    MODEL = "model"
+    SOURCE = "source"
+    CLUSTER = "cluster"
+    RESOURCES = "resources"
+    STORAGE = "storage"
+    INTERRUPTED = "interrupted"
+    INTERNAL = "internal"
+
+    @classmethod
+    def of(cls, reason: object) -> RunFailure:
+        """``reason`` as a member; anything else is INTERNAL."""
+        try:
+            return cls(str(reason))
+        except ValueError:
+            return cls.INTERNAL
+
+
 class InputError(ValueError):
     """A bad input file; str() is one line naming the file and the problem."""
 

@@ -11,13 +11,28 @@ from __future__ import annotations
 import logging
 import os
 
+from ray_inspect.config import DEVICE_ENV
 from ray_inspect.io.storage import ENDPOINT_ENVS
 
 # Environment that workers on this machine must see (never credentials in configs or logs: the
 # AWS_* variables reach workers through the environment the local Ray inherits at start-up).
-FORWARDED_ENV = ENDPOINT_ENVS
+FORWARDED_ENV = (*ENDPOINT_ENVS, DEVICE_ENV)
 _verbose = False
 log = logging.getLogger(__name__)
+
+
+class ResourcesUnavailable(TimeoutError):
+    """Workers or actors could not start within --wait-for-resources; the message says what was
+    asked and what the cluster offered."""
+
+
+_INTERNAL_RESOURCES = ("node:", "memory", "object_store_memory", "accelerator_type:")
+
+
+def offer(resources: dict) -> str:
+    """Resources as a short text (CPU, GPU and custom ones, not Ray's bookkeeping), e.g. ``{CPU: 2}``."""
+    shown = {k: v for k, v in sorted(resources.items()) if v and not k.startswith(_INTERNAL_RESOURCES)}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in shown.items()) + "}" if shown else "nothing"
 
 
 def set_verbose(verbose: bool) -> None:

@@ -14,6 +14,7 @@ large image stays one unit of work that its actor processes band by band in boun
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,12 +27,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypedDict, Unpack
 
-from ray_inspect.config import InspectConfig, MetricsConfig, ScanOptions
+from ray_inspect.config import DEVICE_ENV, InspectConfig, MetricsConfig, ScanOptions
 from ray_inspect.core.evaluation import Evaluation
+from ray_inspect.distributed.cluster import ResourcesUnavailable, offer
 from ray_inspect.io import storage
 from ray_inspect.io.artifact import ModelCard, load_model
 from ray_inspect.io.datasets import Sample, list_samples
-from ray_inspect.records import FailureKind, ImageRecord, InputError, Outcome, ScanError, ScanProgress
+from ray_inspect.records import (
+    FailureKind,
+    ImageRecord,
+    InputError,
+    Outcome,
+    RunFailure,
+    ScanError,
+    ScanProgress,
+)
 from ray_inspect.steps.imagescan import ScanTarget, output_stems, output_urls, scan_image
 from ray_inspect.telemetry import NULL_SCAN, ScanRecorder
 
@@ -85,7 +95,7 @@ class ScanActor:
 
         torch.set_num_threads(max(1, threads))
         cv2.setNumThreads(max(1, threads))
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        device = "cuda" if ray.get_gpu_ids() and os.environ.get(DEVICE_ENV, "").lower() != "cpu" else "cpu"
         model = load_model(model_url, device, card)   # the driver's card: the weights it checked
         self.inspector = Inspector(model, model.card, cfg, threshold, device, stats=model.normaliser)
         self.target = target
@@ -222,12 +232,14 @@ class _Shape:
 
 
 def _pool_shape(options: ScanOptions, resources: dict) -> _Shape:
-    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    """The actors to ask for: what the options say, the rest from the cluster as it is now. GPUs
+    that are not up yet (an autoscaler adds them for the actors' requests) are not an error; GPU
+    actors then ask for one CPU each unless --cpus-per-worker says otherwise."""
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
     per_gpu = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
-    if per_gpu > gpus:
-        raise ValueError(f"--gpus-per-worker {per_gpu:g} but the cluster has {gpus:g} GPUs")
-    workers = options.workers or (int(gpus // per_gpu) if per_gpu else max(1, int(cpus)))
-    per_cpu = options.cpus_per_worker or max(1.0, float(int(cpus // workers)))
+    workers = options.workers or (max(1, int(gpus // per_gpu)) if per_gpu else max(1, int(cpus)))
+    gpus_up = per_gpu * workers <= gpus
+    per_cpu = options.cpus_per_worker or (max(1.0, float(int(cpus // workers))) if gpus_up else 1.0)
     # A GPU computes one image at a time. Without one, each CPU computes its own image on one
     # thread: oneDNN's threads wait at every layer's barrier, so N one-thread computations scan
     # faster than one N-thread computation (docs/benchmarks.md). One more image than computes
@@ -252,6 +264,35 @@ def _actor_env(shape: _Shape) -> dict:
     return {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
 
 
+def _await_actors(pool: _Pool, shape: _Shape, timeout: float, say: Callable[[str], None]) -> None:
+    """Wait for the actors to start: on an autoscaling cluster their requests make it add nodes,
+    which takes minutes. Says what they wait for after 5 s, then every 30 s. Actors still waiting
+    after ``timeout`` are given up (the scan goes on with the others); when none started,
+    ResourcesUnavailable."""
+    ray = pool.ray
+    asked = f"{len(pool.actors)} scan actor(s) of {offer({'CPU': shape.cpus, 'GPU': shape.gpus})}"
+    waiting = {a.pid.remote(): i for i, a in enumerate(pool.actors)}
+    started, t0 = [], time.monotonic()
+    while waiting:
+        left = timeout - (time.monotonic() - t0)
+        if left <= 0:
+            break
+        step = 30.0 if time.monotonic() - t0 > 1.0 else 5.0
+        ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=min(step, left))
+        started += [waiting.pop(r) for r in ready]
+        if waiting and time.monotonic() - t0 < timeout:
+            say(f"waiting for resources: {len(started)} of {asked} started; the cluster offers "
+                f"{offer(ray.cluster_resources())} ({time.monotonic() - t0:.0f} of {timeout:g} s)")
+    if not waiting:
+        return
+    if not started:
+        pool.close()
+        raise ResourcesUnavailable(f"asked for {asked}; after {timeout:g} s none could start: the cluster "
+                                   f"offers {offer(ray.cluster_resources())} (--wait-for-resources)")
+    say(f"{len(waiting)} of {asked} could not start within {timeout:g} s; scanning with {len(started)}")
+    pool.keep(sorted(started))
+
+
 class _Pool:
     """Actors with at most ``depth`` images each (queued in the actor beyond its concurrency). A dead
     actor is replaced at once and the images it held come back as LOST, for the driver to hand to
@@ -266,6 +307,13 @@ class _Pool:
         self.generation = [0] * workers
         self.busy = [0] * workers
         self.inflight: dict = {}                              # ref -> (actor, generation, item, slots)
+
+    def keep(self, indices: list[int]) -> None:
+        """Only the actors at ``indices`` stay (before any image was sent); the others are killed."""
+        for a in set(range(len(self.actors))) - set(indices):
+            self.ray.kill(self.actors[a], no_restart=True)
+        self.actors = [self.actors[a] for a in indices]
+        self.generation, self.busy = [0] * len(indices), [0] * len(indices)
 
     def fill(self, queue: deque) -> None:
         """The least busy actor takes the next image, so a short queue spreads over all actors."""
@@ -397,6 +445,28 @@ class _Run:
         self.driver_retries = now
 
 
+def _run_failure(exc: BaseException, stage: RunFailure) -> RunFailure:
+    """Why the run failed: an interruption, resources that never came, a store that stayed
+    unreachable, else the stage it was in."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return RunFailure.INTERRUPTED
+    if isinstance(exc, ResourcesUnavailable):
+        return RunFailure.RESOURCES
+    if isinstance(exc, storage.StorageError) and exc.transient:
+        return RunFailure.STORAGE
+    return stage
+
+
+@contextlib.contextmanager
+def _failing_as(telemetry: ScanRecorder, stage: RunFailure) -> Iterator[None]:
+    """A failure inside is the run's (before it started): recorded as failed, with its reason."""
+    try:
+        yield
+    except BaseException as exc:
+        telemetry.finish({"failure": _run_failure(exc, stage), "error": storage.short_reason(exc)}, ok=False)
+        raise
+
+
 def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConfig(),
          threshold: float | None = None, metrics_cfg: MetricsConfig = MetricsConfig(),
          options: ScanOptions = ScanOptions(), **hooks: Unpack[ScanHooks]) -> dict:
@@ -406,22 +476,27 @@ def scan(model_url: str, source: str, out: str, cfg: InspectConfig = InspectConf
     from ray_inspect.distributed.cluster import ensure_ray
 
     t_start, retries_before = time.time(), storage.retries()
-    run = _Run.create(ScanPlan.create(model_url, source, out, cfg, threshold, metrics_cfg), options, hooks,
-                      t_start)
-    run.driver_retries = retries_before          # the listing's retries count too
-    storage.remove(storage.join(run.plan.out, "_SUCCESS"))   # a reused OUT is unfinished until this run is
-    queue = _resume(run)
-    shape = _pool_shape(options, ensure_ray(options.address))
+    telemetry = hooks.get("telemetry") or NULL_SCAN
+    with _failing_as(telemetry, RunFailure.MODEL):
+        plan = ScanPlan.create(model_url, source, out, cfg, threshold, metrics_cfg)
+    with _failing_as(telemetry, RunFailure.SOURCE):
+        run = _Run.create(plan, options, hooks, t_start)
+        run.driver_retries = retries_before          # the listing's retries count too
+        storage.remove(storage.join(run.plan.out, "_SUCCESS"))   # a reused OUT is unfinished until done
+        queue = _resume(run)
+    with _failing_as(telemetry, RunFailure.CLUSTER):
+        shape = _pool_shape(options, ensure_ray(options.address))
     workers = min(shape.workers, max(1, len(queue)))
     run.telemetry.start(_start_info(run, workers, len(queue)))
     try:
         _dispatch(run, queue, shape, workers)
         summary = _finalise(run, shape, workers)
         run.count_driver_retries()
-    except BaseException:
+    except BaseException as exc:
         run.count_driver_retries()
         run.telemetry.finish({"images": len(run.items), "scanned": run.ledger.count(Outcome.OK),
-                              "failed": len(run.ledger.errors), "seconds": run.seconds()}, ok=False)
+                              "failed": len(run.ledger.errors), "seconds": run.seconds(),
+                              "failure": _run_failure(exc, RunFailure.INTERNAL)}, ok=False)
         raise
     run.telemetry.finish(summary, ok=True)
     return summary
@@ -457,6 +532,7 @@ def _dispatch(run: _Run, queue: deque[_Item], shape: _Shape, workers: int) -> No
                                            runtime_env=_actor_env(shape))
     args = (plan.model_url, plan.card, plan.cfg, plan.threshold, plan.target(), shape.threads, shape.slots)
     pool = _Pool(remote, args, workers if queue else 0, shape.depth)
+    _await_actors(pool, shape, run.options.wait_for_resources, lambda text: log.info("%s", text))
     run.telemetry.actors(len(pool.actors))
     while queue or pool.inflight:
         pool.fill(queue)

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from ray_inspect.config import ModelConfig, RunConfig, TrainConfig, from_dict
+from ray_inspect.config import DEVICE_ENV, ModelConfig, RunConfig, TrainConfig, from_dict
 from ray_inspect.core.model import build_model
-from ray_inspect.distributed.cluster import ensure_ray
+from ray_inspect.distributed.cluster import ResourcesUnavailable, ensure_ray, offer
 from ray_inspect.io import storage
 from ray_inspect.io.artifact import ModelCard, load_alexnet, save_model
 from ray_inspect.io.patches import open_patches
@@ -34,6 +34,8 @@ from ray_inspect.telemetry import NULL_TRAIN, TrainRecorder
 
 STATE = "state.pt"
 log = logging.getLogger(__name__)
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+_USER_START_TIMEOUT = os.environ.get(START_TIMEOUT_ENV)      # a value of the user's wins
 
 EpochCallback = Callable[[dict], None]
 
@@ -99,12 +101,12 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model_cfg = from_dict(ModelConfig, config["model"])
     train_cfg = from_dict(TrainConfig, config["train"])
-    device = ray.train.torch.get_device()
+    device = torch.device("cpu") if _cpu_forced() else ray.train.torch.get_device()
     if config.get("cpus"):
         torch.set_num_threads(max(1, round(config["cpus"])))
     model, opt, loss_fn = build(model_cfg, train_cfg, config.get("alexnet_weights"), device)
     start, state = _restore(model)
-    ddp = ray.train.torch.prepare_model(model)
+    ddp = ray.train.torch.prepare_model(model, move_to_device=device)
     if state is not None:
         opt.load_state_dict(state["optimizer"])  # after the move: Adam's state follows the parameters' device
     data = PatchBatches(open_patches(config["patches"]), train_cfg.batch_size, seed=train_cfg.seed, rank=rank,
@@ -307,7 +309,8 @@ def _fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: Tr
     config = {"model": asdict(model_cfg), "train": asdict(train_cfg), "patches": patches_url,
               "alexnet_weights": alexnet_weights, "checkpoint_every": run.checkpoint_every, "cpus": cpus,
               "progress": pump.progress if pump else None, "step_seconds": STEP_SECONDS if steps else None}
-    result = _run(_trainer(config, run, use_gpu, name, storage_url), pump)
+    result = _run(_trainer(config, run, use_gpu, name, storage_url), pump, _asked(run, use_gpu, cpus),
+                  run.wait_for_resources)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
     model = build_model(model_cfg)
@@ -319,13 +322,33 @@ def _fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: Tr
     return save_model(model_url, model.eval().to(memory_format=torch.contiguous_format), card)
 
 
-def _run(trainer: Any, pump: _ProgressPump | None) -> Any:
+def _asked(run: RunConfig, use_gpu: bool, cpus: float) -> str:
+    return f"{run.workers} training worker(s) of {offer({'CPU': cpus, 'GPU': 1 if use_gpu else 0})}"
+
+
+def _fit(trainer: Any, asked: str, wait: float) -> Any:
+    """``trainer.fit()``; workers that could not be placed within ``wait`` seconds end as one
+    ResourcesUnavailable saying what was asked and what the cluster offers."""
+    import ray
+    from ray.train.v2.api.exceptions import ControllerError
+
+    try:
+        return trainer.fit()
+    except ControllerError as exc:
+        if type(exc.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+            raise
+        offered = offer(ray.cluster_resources())
+        raise ResourcesUnavailable(f"asked for {asked}; after {wait:g} s they could not start: the cluster "
+                                   f"offers {offered} (--wait-for-resources)") from None
+
+
+def _run(trainer: Any, pump: _ProgressPump | None, asked: str = "", wait: float = 0.0) -> Any:
     """``trainer.fit()``'s result, the pump delivering the epochs meanwhile; an error of the epoch
     callback is raised once the training has finished."""
     if pump is None:
-        return trainer.fit()
+        return _fit(trainer, asked, wait)
     with pump:
-        result = trainer.fit()
+        result = _fit(trainer, asked, wait)
     if pump.error is not None:
         pump.error.add_note("raised by the epoch callback; the training finished and checkpointed, "
                             "so a rerun resumes there and writes the model")
@@ -345,16 +368,19 @@ def _checked_patches(patches_url: str, model_cfg: ModelConfig, alexnet_weights: 
     return dict(arr.attrs)
 
 
+def _cpu_forced() -> bool:
+    """RAY_INSPECT_DEVICE=cpu: compute on CPU where Ray assigned GPUs (fake GPU nodes in tests)."""
+    return os.environ.get(DEVICE_ENV, "").lower() == "cpu"
+
+
 def _placement(run: RunConfig) -> tuple[bool, float]:
-    """(GPUs or not, CPUs per worker) on the cluster ``run`` joins or starts. A local Ray with fewer
-    CPUs than workers shares them (fractions), rather than waiting for CPUs that never come; on a
-    cluster each worker asks for at least one, which the autoscaler can add."""
+    """(GPUs or not, CPUs per worker) on the cluster ``run`` joins or starts. GPUs that are not up
+    yet are not an error: the workers ask for them and wait (an autoscaler adds the nodes). A local
+    Ray with fewer CPUs than workers shares them (fractions), rather than waiting for CPUs that
+    never come; on a cluster each worker asks for at least one, which the autoscaler can add."""
     resources = ensure_ray(run.address)
     gpus = resources.get("GPU", 0)
     use_gpu = gpus >= run.workers if run.use_gpu is None else run.use_gpu
-    if use_gpu and gpus < run.workers:
-        raise ValueError(f"--use-gpu asks for {run.workers} GPU worker(s), "
-                         f"the cluster has {int(gpus)} GPU(s)")
     if run.cpus_per_worker:
         return use_gpu, run.cpus_per_worker
     total = resources.get("CPU", 1)
@@ -368,15 +394,21 @@ def _trainer(config: dict, run: RunConfig, use_gpu: bool, name: str, storage_url
     """The TorchTrainer of ``train_loop`` with ``config``, checkpointing to ``storage_url``/``name``."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     storage_path, fs = _storage_fs(storage_url)
+    # The worker group waits up to --wait-for-resources for its nodes, once: Ray Train's controller
+    # reads the timeout from this variable (it passes it on to its own actor), and without a limit on
+    # controller failures it would try again forever.
+    os.environ[START_TIMEOUT_ENV] = _USER_START_TIMEOUT or f"{run.wait_for_resources:g}"
     return TorchTrainer(
         train_loop,
         train_loop_config=config,
+        torch_config=TorchConfig(backend="gloo") if _cpu_forced() else None,
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config["cpus"]}),
         run_config=RayRunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
-                                failure_config=FailureConfig(max_failures=run.max_failures),
+                                failure_config=FailureConfig(max_failures=run.max_failures,
+                                                             controller_failure_limit=0),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

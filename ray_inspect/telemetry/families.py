@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ray_inspect.records import FailureKind
+from ray_inspect.records import FailureKind, RunFailure
 from ray_inspect.telemetry.gauges import LazyGauges
 
 STAGES = ("read", "inference", "residual", "segment", "write")
@@ -32,6 +32,9 @@ class ScanMetrics:
             "ray_inspect_read_bytes", "Bytes of input images (and masks) read.", registry=registry)
         self.written_bytes = Counter(
             "ray_inspect_written_bytes", "Bytes of masks, residuals and records written.", registry=registry)
+        self.runs_failed = Counter(
+            "ray_inspect_scan_runs_failed", "Scan runs that failed, at any stage (before the model loaded "
+            "included), by reason.", ["reason"], registry=registry)
         self.storage_retries = Counter(
             "ray_inspect_storage_retries", "Object-storage requests retried after a transient error "
             "(unreachable store, timeout, throttling), by the scan's actors and driver.", registry=registry)
@@ -51,6 +54,8 @@ class ScanMetrics:
         # text); every reason exists from the start (rate() needs a 0 first).
         for kind in FailureKind:
             self.failed.labels(reason=kind.value)
+        for reason in RunFailure:
+            self.runs_failed.labels(reason=reason.value)
         for stage in STAGES:
             self.stage.labels(stage=stage)
 

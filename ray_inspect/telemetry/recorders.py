@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
 
-from ray_inspect.records import FailureKind, ImageRecord
+from ray_inspect.records import FailureKind, ImageRecord, RunFailure
 from ray_inspect.telemetry.families import STAGES, ScanMetrics, TrainMetrics
 from ray_inspect.telemetry.gauges import LazyGauges, Value
 from ray_inspect.telemetry.logs import extra_fields, log, new_run_id, set_run_id
@@ -98,8 +98,10 @@ class _Run:
               t0)
         self._set_duration(lambda: time.time() - t0)   # grows while the run runs
 
-    def _end(self, ok: bool, outcome: dict[str, float | dict[str, float]]) -> float:
-        """Set the outcome gauges, push them; returns the run's seconds."""
+    def _end(self, ok: bool, outcome: dict[str, float | dict[str, float]], also: tuple[str, ...] = (),
+             counters: tuple = ()) -> float:
+        """Set the outcome gauges, push them with the gauges named in ``also`` and the ``counters``;
+        returns the run's seconds."""
         s, command, now = self._samples, self.command, time.time()
         seconds = now - (self._t0 if self._t0 is not None else now)
         self._set_duration(seconds)
@@ -107,6 +109,7 @@ class _Run:
               1.0 if ok else 0.0)
         names = [self._name(w)
                  for w in ("info", "duration_seconds", "last_run_success", "start_timestamp_seconds")]
+        names += also
         for name, value in outcome.items():
             doc = f"Outcome of the last finished {command} run ({name.rsplit('_', 1)[-1]})."
             if isinstance(value, dict):
@@ -119,19 +122,31 @@ class _Run:
             s.set(self._name("last_success_timestamp_seconds"),
                   f"Unix time the last successful {command} run finished.", now)
             names.append(self._name("last_success_timestamp_seconds"))
-        self._push(names)
+        self._push(names, counters)
         return seconds
 
     def _set_duration(self, seconds: Value) -> None:
         self._samples.set(self._name("duration_seconds"),
                           f"Seconds the current {self.command} run has run, or the last one ran.", seconds)
 
-    def _push(self, names: list[str]) -> None:
-        """The named gauges, frozen now, to the Pushgateway (when there is one)."""
+    def _push(self, names: list[str], counters: tuple = ()) -> None:
+        """The named gauges and the ``counters``, as they are now, to the Pushgateway (when there is one)."""
         if self._pusher is not None:
             registry = CollectorRegistry()
             registry.register(self._samples.frozen(names))
+            for counter in counters:
+                registry.register(_Snapshot(list(counter.collect())))
             self._pusher.push(registry)
+
+
+class _Snapshot:
+    """Metric families collected once, for a push registry of their own."""
+
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self):
+        return self.families
 
 
 class ScanTelemetry(_Run):
@@ -198,6 +213,18 @@ class ScanTelemetry(_Run):
         """``n`` more object-storage requests were retried (by an actor or by the driver)."""
         self.m.storage_retries.inc(n)
 
+    def _failure(self, reason: RunFailure, error: str) -> tuple[str, ...]:
+        """A failed run: counted by reason, and the last run's reason as a gauge (1 for it, 0 for
+        the others) for the Pushgateway; returns the gauge's name."""
+        self.m.runs_failed.labels(reason=reason.value).inc()
+        name = "ray_inspect_scan_last_run_failure"
+        for r in RunFailure:
+            self.m.samples.set(name, "1 for the reason the last failed scan run failed, else 0.",
+                               float(r is reason), reason=r.value)
+        log.debug("scan failed (%s): %s", reason.value, error,
+                  extra=extra_fields({"event": "scan_failed", "reason": reason.value}))
+        return (name,)
+
     def _done(self, result: str, tiles: int = 0) -> None:
         with self._lock:
             self._counts[result] += 1
@@ -211,16 +238,24 @@ class ScanTelemetry(_Run):
             return dict(self._counts)
 
     def finish(self, summary: dict, ok: bool) -> None:
-        """Run ends: duration, outcome, last success (only when ``ok``), then the Pushgateway push."""
+        """Run ends, at any stage (a run that fails before it started included): duration, outcome,
+        last success (only when ``ok``), the failure and its reason (``summary["failure"]``), then
+        the Pushgateway push."""
         c = self.counts()
         self.m.in_flight.set(0)
         self.m.actors.set(0)
         images = {k: c[k] for k in ("scanned", "failed", "skipped")}
+        started = self._t0 is not None
+        also = () if ok else self._failure(RunFailure.of(summary.get("failure")), summary.get("error", ""))
         seconds = self._end(ok, {"ray_inspect_scan_last_run_images": images,
-                                 "ray_inspect_scan_last_run_tiles": c["tiles"]})
-        (log.info if ok else log.error)("scan %s after %.1f s: %d scanned, %d failed, %d tiles",
-                                        "finished" if ok else "FAILED", seconds, c["scanned"], c["failed"],
-                                        c["tiles"], extra=extra_fields({"event": "scan_end", "ok": ok, **c}))
+                                 "ray_inspect_scan_last_run_tiles": c["tiles"]}, also,
+                            counters=(self.m.runs_failed,))
+        self._t0 = None
+        if started:      # a run that failed before it started is the caller's one error line
+            say = log.info if ok else log.error
+            say("scan %s after %.1f s: %d scanned, %d failed, %d tiles", "finished" if ok else "FAILED",
+                seconds, c["scanned"], c["failed"], c["tiles"],
+                extra=extra_fields({"event": "scan_end", "ok": ok, **c}))
         set_run_id(None)
 
 

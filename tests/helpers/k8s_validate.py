@@ -245,13 +245,13 @@ def validate(docs: list[dict]) -> int:
 
 
 def parse_entrypoint(entrypoint: str) -> None:
-    """Parse (not run) a RayJob entrypoint with the real ray_inspect.cli; click.UsageError on a bad option.
-
-    What follows " || " (the exit-3 fallback) is shell, not ray-inspect.
-    """
+    """Parse (not run) a RayJob entrypoint with the real ray_inspect.cli; click.UsageError on a bad
+    option. An entrypoint is one command: KubeRay joins it into its submitter's shell line, where
+    shell syntax would apply to ``ray job submit`` instead."""
     from ray_inspect.cli import main
 
-    args = shlex.split(entrypoint.partition(" || ")[0])
+    assert not set("|&;<>`$()") & set(entrypoint), f"shell syntax in an entrypoint: {entrypoint}"
+    args = shlex.split(entrypoint)
     assert args[0] == "ray-inspect"
     names = set(main.commands)
     i = next(k for k, a in enumerate(args) if a in names)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -23,6 +24,30 @@ def test_missing_source_is_one_line(trained_model, tmp_path):
     err = res.stderr.strip().splitlines()
     assert err[-1].startswith("ray-inspect: error:") and "nowhere" in err[-1]
     assert "Traceback" not in res.stderr
+
+
+def test_one_nights_partition_with_bad_inputs_allowed_then_not(trained_model, dataset, tmp_path):
+    """SOURCE and OUT with {date}: only that night's partition is scanned, into its own OUT; a corrupt
+    file exits 0 under --allow-bad-inputs and 3 without it (the rerun resumes the good images)."""
+    images = sorted(Path(dataset, "test").rglob("*.png"))[:4]
+    for day, files in (("01", images[:2]), ("02", images[2:])):
+        part = tmp_path / "src" / "2026" / "01" / day
+        part.mkdir(parents=True)
+        for i, f in enumerate(files):
+            shutil.copy(f, part / f"{i}.png")
+    (tmp_path / "src" / "2026" / "01" / "02" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    args = ["scan", trained_model, str(tmp_path / "src" / "{date:%Y/%m/%d}"),
+            str(tmp_path / "out" / "{date}"), "--date", "2026-01-02", "--json"]
+    res = CliRunner().invoke(main, [*args, "--allow-bad-inputs"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert (summary["images"], summary["scanned"], summary["failed_by_kind"]) == (3, 2, {"corrupt": 1})
+    assert summary["source"] == str(tmp_path / "src" / "2026" / "01" / "02")
+    assert "night of 2026-01-02" in res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["2026-01-02"]
+    assert "bad.png" in (tmp_path / "out" / "2026-01-02" / "errors.jsonl").read_text()
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 3 and json.loads(res.stdout)["skipped"] == 2
 
 
 def test_not_a_model_is_one_line(tmp_path):

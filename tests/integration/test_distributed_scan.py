@@ -269,7 +269,7 @@ def test_rerun_skips_force_redoes_and_changed_settings_or_inputs_rescan(ray_sess
     assert scan(model, str(src), out, CFG, options=ScanOptions(force=True))["scanned"] == n
 
 
-def test_pool_shape_defaults_and_gpu_check():
+def test_pool_shape_defaults_and_requests_for_what_is_not_up_yet():
     # (workers, GPUs and CPUs per actor, depth, concurrency, computing slots, threads per slot)
     assert _pool_shape(ScanOptions(), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 3, 2, 1, 1)
     assert _pool_shape(ScanOptions(workers=1), {"CPU": 2}) == _Shape(1, 0.0, 2.0, 4, 3, 2, 1)
@@ -279,8 +279,13 @@ def test_pool_shape_defaults_and_gpu_check():
     assert _pool_shape(ScanOptions(), {"CPU": 16, "GPU": 4}) == _Shape(4, 1.0, 4.0, 3, 2, 1, 4)
     assert _pool_shape(ScanOptions(workers=2, depth=3), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 3, 2, 1, 1)
     assert _pool_shape(ScanOptions(depth=1, concurrency=1), {"CPU": 2}) == _Shape(2, 0.0, 1.0, 1, 1, 1, 1)
-    with pytest.raises(ValueError, match="GPUs"):
-        _pool_shape(ScanOptions(gpus_per_worker=1), {"CPU": 2})
+    # GPUs not up yet (an autoscaler adds them for the actors' requests): the shape is the request's,
+    # one CPU per GPU actor unless asked for more
+    assert _pool_shape(ScanOptions(gpus_per_worker=1, workers=2), {"CPU": 2}) \
+        == _Shape(2, 1.0, 1.0, 3, 2, 1, 1)
+    assert _pool_shape(ScanOptions(gpus_per_worker=1, cpus_per_worker=8), {}) \
+        == _Shape(1, 1.0, 8.0, 3, 2, 1, 8)
+    assert _pool_shape(ScanOptions(), {"CPU": 0}) == _Shape(1, 0.0, 1.0, 3, 2, 1, 1)   # head with num-cpus 0
 
 
 def test_one_malloc_arena_only_for_one_thread_cpu_actors(monkeypatch):
@@ -330,3 +335,32 @@ def test_pool_runs_an_image_that_was_lost_alone_on_an_idle_actor():
     pool.busy = [1, 3]
     pool.fill(queue)
     assert [i.stem for i in queue] == ["lost2"] and pool.busy == [2, 3]   # it waits for an idle actor
+
+
+class _Tiny:
+    def pid(self):
+        return os.getpid()
+
+
+def test_actors_that_cannot_start_in_time_are_given_up_or_the_scan_gives_up(ray_session):
+    """One of two actors asks for a resource no node has: after the wait the pool goes on with the
+    other and says so; when no actor can start, one ResourcesUnavailable line says what was asked
+    and what the cluster offers."""
+    import ray
+
+    from ray_inspect.distributed.cluster import ResourcesUnavailable
+    from ray_inspect.distributed.scan import _await_actors
+
+    shape = _Shape(2, 0.0, 1.0, 3, 2, 1, 1)
+    pool = _Pool(ray.remote(_Tiny).options(num_cpus=0), (), 1, 3)
+    pool.actors.append(ray.remote(_Tiny).options(num_cpus=0, resources={"no-such-node": 1}).remote())
+    pool.generation, pool.busy = [0, 0], [0, 0]
+    said = []
+    _await_actors(pool, shape, 3, said.append)
+    assert len(pool.actors) == 1 and ray.get(pool.actors[0].pid.remote()) > 0
+    assert said[-1] == "1 of 2 scan actor(s) of {CPU: 1} could not start within 3 s; scanning with 1"
+    stuck = _Pool(ray.remote(_Tiny).options(num_cpus=0, resources={"no-such-node": 1}), (), 2, 3)
+    with pytest.raises(ResourcesUnavailable) as exc:
+        _await_actors(stuck, shape, 2, said.append)
+    assert str(exc.value) == ("asked for 2 scan actor(s) of {CPU: 1}; after 2 s none could start: the "
+                              "cluster offers {CPU: 2} (--wait-for-resources)")

@@ -34,7 +34,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 def test_alert_rules_pass_promtool_check():
     res = promtool("check", "rules", RULES)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "SUCCESS: 5 rules found" in res.stdout
+    assert "SUCCESS: 6 rules found" in res.stdout
 
 
 def test_alert_rules_unit_tests():
@@ -157,3 +157,66 @@ def test_real_prometheus_scrapes_train_and_scan(patches, dataset, tmp_path, requ
             assert not empty, f"dashboard queries without data: {empty}"
         finally:
             tel.close()
+
+        # A night that fails before its model loads is counted, by reason, and pushed.
+        res = subprocess.run(
+            [sys.executable, "-m", "ray_inspect.cli", "--pushgateway", pushgateway, "scan",
+             str(tmp_path / "no-model"), source, str(tmp_path / "scan-2")],
+            env={**env, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and "no-model" in res.stderr, res.stderr[-2000:]
+        pushed = f'job="ray_inspect_scan", pipeline="{PIPELINE}"'
+        prom.wait(f'ray_inspect_scan_runs_failed_total{{{pushed}, reason="model"}} == 1')
+        assert value(prom, f"ray_inspect_scan_last_run_success{{{pushed}}}") == 0
+        assert value(prom, f'ray_inspect_scan_last_run_failure{{{pushed}, reason="model"}}') == 1
+        assert value(prom, f'sum(ray_inspect_scan_last_run_failure{{{pushed}}})') == 1
+
+
+def test_nightly_alert_without_a_pushgateway(tmp_path):
+    """The chart's release-specific rule fires from kube-state-metrics' CronJob series alone (no
+    Pushgateway): 26 h after the last successful night, or after creation when none succeeded; not
+    while the CronJob is suspended, and not for another release's CronJob."""
+    import helm_python as helm
+    import yaml
+
+    from helpers import k8s_validate as kv
+
+    with helm.Chart.load(os.path.join(ROOT, "charts", "ray-inspect")) as chart:
+        out = chart.render({}, name="qa", namespace="inspect")
+    docs = [d for p, t in sorted(out.items()) if p.endswith(".yaml") for d in kv.load_documents(t)]
+    groups = next(d for d in docs if d["kind"] == "PrometheusRule")["spec"]["groups"]
+    nightly = [g for g in groups if g["name"] == "ray-inspect-inspect-qa-nightly"]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": nightly}))
+    ours = 'namespace="inspect", cronjob="qa-ray-inspect-nightly"'
+    other = 'namespace="x", cronjob="qa-ray-inspect-nightly"'
+
+    def case(series: dict[str, str], fires_at_30h: list[dict]) -> dict:
+        return {"interval": "1h",
+                "input_series": [{"series": s, "values": v} for s, v in series.items()],
+                "alert_rule_test": [
+                    {"eval_time": "20h", "alertname": "RayInspectNightlyNoRecentSuccess", "exp_alerts": []},
+                    {"eval_time": "30h", "alertname": "RayInspectNightlyNoRecentSuccess", "exp_alerts": [
+                        {"exp_labels": {"severity": "critical", **labels}, "exp_annotations": {
+                            "summary": f"no successful ray-inspect night in 26 h ({labels['namespace']}/"
+                                       f"{labels['cronjob']})",
+                            "description": "The nightly CronJob has not completed successfully for more "
+                                           "than 26 hours (or never, 26 hours after it was created); "
+                                           'see docs/deploy.md, "Runbook: a failed night".'}}
+                        for labels in fires_at_30h]}]}
+
+    labels = {"namespace": "inspect", "cronjob": "qa-ray-inspect-nightly"}
+    tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1h", "tests": [
+        case({f"kube_cronjob_status_last_successful_time{{{ours}}}": "0x40",          # succeeded at 0 h
+              f"kube_cronjob_created{{{ours}}}": "0x40",
+              f"kube_cronjob_spec_suspend{{{ours}}}": "0x40"}, [labels]),
+        case({f"kube_cronjob_created{{{ours}}}": "0x40",                                # never succeeded
+              f"kube_cronjob_spec_suspend{{{ours}}}": "0x40"}, [labels]),
+        case({f"kube_cronjob_created{{{ours}}}": "0x40",                                # suspended
+              f"kube_cronjob_spec_suspend{{{ours}}}": "1x40"}, []),
+        case({f"kube_cronjob_status_last_successful_time{{{ours}}}": "0x20 72000x20",   # succeeded at 20 h
+              f"kube_cronjob_created{{{ours}}}": "0x40",
+              f"kube_cronjob_created{{{other}}}": "0x40"}, []),                        # another release's
+    ]}
+    (tmp_path / "rules.test.yaml").write_text(yaml.safe_dump(tests))
+    res = subprocess.run([binary("promtool"), "test", "rules", "rules.test.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -28,6 +28,24 @@ COMBINATIONS = {
     "cpu-only": CPU_ONLY,
     "gpu-and-cpu": {"workers": {"cpu": {"enabled": True}}},
     "raycronjob": RAYCRONJOB,
+    "site-adaptations": {
+        "pods": {"serviceAccountName": "ray-inspect-irsa", "annotations": {"team": "qa"},
+                 "labels": {"cost-center": "line-1"}, "priorityClassName": "batch",
+                 "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"},
+                              {"name": "SITE_TOKEN",
+                               "valueFrom": {"secretKeyRef": {"name": "s", "key": "t"}}}],
+                 "envFrom": [{"configMapRef": {"name": "site-env"}}],
+                 "volumes": [{"name": "ca", "configMap": {"name": "site-ca"}}],
+                 "volumeMounts": [{"name": "ca", "mountPath": "/etc/site-ca", "readOnly": True}]},
+        "cluster": {"head": {"labels": {"role": "head", "app.kubernetes.io/instance": "hijack"},
+                             "priorityClassName": "critical"}},
+        "workers": {"gpu": {"runtimeClassName": "nvidia", "annotations": {"team": "vision"},
+                            "volumes": [{"name": "scratch", "emptyDir": {}}],
+                            "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}},
+        "submitter": {"extraEnv": [{"name": "RAY_JOB_POLL", "value": "5"}]}},
+    "network-policy-own-token": {"networkPolicy": {"enabled": True},
+                                 "cluster": {"auth": {"mode": "token", "secretName": "ray-token"}}},
+    "date-partitioned": {"scan": {"source": "s3://line-1/{date:year=%Y/month=%m/day=%d}", "out": "s3://s/{date}"}},
     "raycronjob-cpu-only": {**RAYCRONJOB, **CPU_ONLY},
     "monitoring-off": MONITORING_OFF,
     "cronjob-monitoring-off-cpu-only": {**MONITORING_OFF, **CPU_ONLY},
@@ -132,8 +150,78 @@ def test_training_rayjob(chart):
     res = gpu["template"]["spec"]["containers"][0]["resources"]
     assert res["limits"]["nvidia.com/gpu"] == 1 and res["requests"]["nvidia.com/gpu"] == 1
     assert gpu["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert head["image"].endswith(":0.1.0-cu128")
+    assert head["image"].endswith(":0.1.0-cpu")                       # no CUDA where no GPU is used
+    assert gpu["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0-cu128")
+    assert spec["submitterPodTemplate"]["spec"]["containers"][0]["image"].endswith(":0.1.0-cpu")
     assert spec["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+
+
+def test_site_adaptations_reach_the_pods_they_are_meant_for(chart):
+    """pods.* reach every Ray pod and submitter; a group's own values merge over them (labels,
+    annotations) or add to them (env, volumes); the chart's selector labels stay the chart's."""
+    spec = one(render(chart, COMBINATIONS["site-adaptations"]), "RayJob")["spec"]
+    cluster = spec["rayClusterSpec"]
+    head_pod = cluster["headGroupSpec"]["template"]
+    gpu_pod = cluster["workerGroupSpecs"][0]["template"]
+    sub_pod = spec["submitterPodTemplate"]
+    for pod in (head_pod, gpu_pod, sub_pod):
+        assert pod["spec"]["serviceAccountName"] == "ray-inspect-irsa"
+        assert pod["metadata"]["labels"]["cost-center"] == "line-1"
+        assert pod["metadata"]["labels"]["app.kubernetes.io/instance"] == "ri"
+        container = pod["spec"]["containers"][0]
+        assert {"name": "HTTPS_PROXY", "value": "http://proxy:3128"} in container["env"]
+        assert container["envFrom"] == [{"configMapRef": {"name": "site-env"}}]
+        assert {"name": "ca", "mountPath": "/etc/site-ca", "readOnly": True} in container["volumeMounts"]
+        assert {"name": "ca", "configMap": {"name": "site-ca"}} in pod["spec"]["volumes"]
+    assert head_pod["metadata"]["labels"]["role"] == "head"
+    assert head_pod["spec"]["priorityClassName"] == "critical"
+    assert gpu_pod["spec"]["priorityClassName"] == sub_pod["spec"]["priorityClassName"] == "batch"
+    assert gpu_pod["spec"]["runtimeClassName"] == "nvidia" and "runtimeClassName" not in head_pod["spec"]
+    assert gpu_pod["metadata"]["annotations"] == {"team": "vision"}
+    assert head_pod["metadata"]["annotations"] == {"team": "qa"}
+    assert [v["name"] for v in gpu_pod["spec"]["volumes"]] == ["ca", "scratch"]
+    head_env = [e["name"] for e in head_pod["spec"]["containers"][0]["env"]]
+    assert head_env.index("AWS_SECRET_ACCESS_KEY") < head_env.index("HTTPS_PROXY")   # the chart's first
+    assert {"name": "RAY_JOB_POLL", "value": "5"} in sub_pod["spec"]["containers"][0]["env"]
+    assert "RAY_JOB_POLL" not in json.dumps(head_pod)
+
+
+def _cluster_specs(docs) -> list[dict]:
+    """Every RayCluster spec the release creates: the training RayJob's and the nightly scan's."""
+    return [one(docs, "RayJob")["spec"]["rayClusterSpec"], scan_rayjob(docs)["rayClusterSpec"]]
+
+
+def test_every_ray_cluster_requires_its_token_and_no_port_is_open_without_it(chart):
+    """Token auth on every RayCluster of every scheduler (the dashboard, Jobs API and GCS listen on
+    the pod network, and only with the token), a Secret of one's own when named, and no Service,
+    Ingress or host port that would take a Ray or metrics port beyond the pod network."""
+    for name in ("defaults", "raycronjob", "network-policy-own-token", "site-adaptations"):
+        docs = render(chart, COMBINATIONS[name])
+        for spec in _cluster_specs(docs):
+            want = {"mode": "token", "secretName": "ray-token"} if "own-token" in name else {"mode": "token"}
+            assert spec["authOptions"] == want, name
+        assert not by_kind(docs, "Service") and not by_kind(docs, "Ingress")
+        assert '"hostPort"' not in json.dumps(docs) and '"hostNetwork"' not in json.dumps(docs)
+    raycluster = kv.load_documents((CHART.parents[1] / "cluster/manifests/raycluster.yaml").read_text())[0]
+    assert raycluster["spec"]["authOptions"] == {"mode": "token"}
+
+
+def test_network_policy_admits_the_release_the_operator_and_prometheus_only(chart):
+    docs = render(chart, COMBINATIONS["network-policy-own-token"])
+    policy = one(docs, "NetworkPolicy")["spec"]
+    own = {"app.kubernetes.io/part-of": "ray-inspect", "app.kubernetes.io/instance": "ri"}
+    assert policy["podSelector"]["matchLabels"] == own and policy["policyTypes"] == ["Ingress"]
+    peers, operator, prometheus = policy["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": own}}]}              # every port, own pods
+    assert operator["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name":
+                                                                       "kuberay-operator"}
+    assert [p["port"] for p in operator["ports"]] == [8265]
+    assert prometheus["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name":
+                                                                         "monitoring"}
+    assert [p["port"] for p in prometheus["ports"]] == [8080, 9400]
+    submitter = one(docs, "RayJob")["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    assert own.items() <= submitter.items()                                     # the submitter is a peer
+    assert not by_kind(render(chart), "NetworkPolicy")
 
 
 def test_s3_credentials_only_by_secret_reference(chart):
@@ -201,6 +289,20 @@ def test_scan_rayjob(chart):
     assert limits == (True, 21600, 2)
 
 
+def test_date_partitioned_nights_pass_the_placeholder_and_the_schedules_time_zone(chart):
+    """{date} reaches the command unexpanded (the scan fills it in when it runs) and the default
+    night is taken in the schedule's time zone; a fixed source passes no time zone."""
+    values = {"scan": {"source": "s3://line-1/images/{date:%Y/%m/%d}", "out": "s3://scans/{date}",
+                       "timeZone": "Europe/Berlin"}}
+    cron = {"scan": {**values["scan"], "scheduler": "RayCronJob"}}
+    for docs in (render(chart, values), render(chart, cron)):
+        words = shlex.split(scan_rayjob(docs)["entrypoint"])
+        scan_args = words[words.index("scan") + 1:]
+        assert scan_args[1:3] == ["s3://line-1/images/{date:%Y/%m/%d}", "s3://scans/{date}"]
+        assert words[words.index("--timezone") + 1] == "Europe/Berlin"
+    assert "--timezone" not in scan_rayjob(render(chart))["entrypoint"]
+
+
 def test_raycronjob_replaces_the_cronjob(chart):
     docs = render(chart, RAYCRONJOB)
     assert not by_kind(docs, "CronJob") and not by_kind(docs, "Role") and not by_kind(docs, "ServiceAccount")
@@ -252,9 +354,17 @@ def test_monitoring_objects(chart):
     dash = next(d for d in by_kind(docs, "ConfigMap")
                 if d["metadata"]["labels"].get("grafana_dashboard") == "1")
     shipped = json.loads((CHART / "files/grafana-dashboard.json").read_text())
-    assert json.loads(dash["data"]["ray-inspect.json"]) == shipped
+    rendered = json.loads(dash["data"]["ray-inspect.json"])
+    assert {k: v for k, v in rendered.items() if k not in ("uid", "title")} == \
+        {k: v for k, v in shipped.items() if k not in ("uid", "title")}
+    assert rendered["title"] == "ray-inspect: inspect/ri" and len(rendered["uid"]) <= 40
     rules = yaml.safe_load((CHART / "files/alert-rules.yaml").read_text())
-    assert one(docs, "PrometheusRule")["spec"]["groups"] == rules["groups"]
+    groups = one(docs, "PrometheusRule")["spec"]["groups"]
+    assert groups[:-1] == rules["groups"]                  # the shipped rules, then the release's own
+    assert groups[-1]["name"] == "ray-inspect-inspect-ri-nightly"
+    assert 'cronjob="ri-ray-inspect-nightly"' in groups[-1]["rules"][0]["expr"]
+    rcj = one(render(chart, RAYCRONJOB), "PrometheusRule")["spec"]["groups"]
+    assert rcj == rules["groups"]                          # no CronJob to watch
 
 
 def test_monitoring_switches(chart):
@@ -271,6 +381,17 @@ def test_monitoring_switches(chart):
     ({"scan": {"scheduler": "Cron"}}, "scheduler"),
     ({"training": {"patches": "s3://b/p.zarr; rm -rf /"}}, "patches"),        # not one shell word
     ({"telemetry": {"metricsPort": 8080}}, "metricsPort"),                    # Ray's own metrics port
+    ({"scan": {"source": "s3://b/{data}"}}, "source"),                        # only {date} placeholders
+    ({"pods": {"extraEnv": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}}, "extraEnv"),  # literal secret
+    ({"workers": {"gpu": {"extraEnv": [{"name": "RAY_AUTH_TOKEN", "value": "x"}]}}}, "extraEnv"),
+    ({"pods": {"serviceAccount": "x"}}, "serviceAccount"),                     # misspelt key
+    ({"pods": {"envFrom": [{"secretRef": {}}]}}, "envFrom"),                   # no name
+    ({"submitter": {"volumeMounts": [{"name": "ca"}]}}, "volumeMounts"),       # no mountPath
+    ({"cluster": {"head": {"runtimeClassName": "Nvidia GPU"}}}, "runtimeClassName"),
+    ({"pods": {"labels": {"tier": 1}}}, "labels"),                             # label values are strings
+    ({"cluster": {"auth": {"mode": "none", "secretName": ""}}}, "mode"),
+    ({"networkPolicy": {"operatorNamespaceSelector": {"team": 5}}}, "operatorNamespaceSelector"),
+    ({"scan": {"out": "s3://b/{date:%Y,%m}"}}, "out"),                        # a comma: bash brace expansion
 ])
 def test_values_schema_rejects(chart, values, message):
     with pytest.raises(helm.HelmValuesError, match=message):
@@ -402,3 +523,40 @@ def test_cronjob_script_creates_one_rayjob_and_waits(chart, tmp_path, statuses, 
         kv.validate(created)
     if code:
         assert "the scan failed" in res.stderr
+
+
+def test_runbook_label_selectors_select_what_the_chart_creates(chart):
+    """Every `kubectl get KINDS -l SELECTOR` of docs/deploy.md's runbook (release "qa") matches the
+    labels the chart puts on those objects; the RayCronJob's RayJobs are found by its name."""
+    import re
+
+    text = (CHART.parents[1] / "docs" / "deploy.md").read_text()
+    runbook = text[text.index("## 9. Runbook"):]
+    commands = re.findall(r"kubectl -n inspect get (\S+) -l (\S+)", runbook)
+    assert len(commands) == 2
+    docs = [d for path, t in sorted(chart.render({}, name="qa", namespace="inspect").items())
+            if path.endswith(".yaml") for d in kv.load_documents(t)]
+    cron = one(docs, "CronJob")["spec"]["jobTemplate"]
+    cm = next(d for d in by_kind(docs, "ConfigMap") if "rayjob.yaml" in d["data"])
+    labels = {"rayjobs": [kv.embedded_rayjobs(cm)[0]["metadata"]["labels"]],
+              "jobs": [cron["metadata"]["labels"]], "pods": [cron["spec"]["template"]["metadata"]["labels"]]}
+    for kinds, selector in commands:
+        wanted = dict(term.split("=", 1) for term in selector.split(","))
+        for kind in kinds.split(","):
+            assert any(wanted.items() <= have.items() for have in labels[kind]), (kind, selector)
+    rcj = one(render(chart, {"scan": {"scheduler": "RayCronJob"}}), "RayCronJob")
+    assert rcj["metadata"]["name"].replace("ri-", "qa-") + "-" in runbook
+
+
+def test_two_releases_get_dashboards_of_their_own(chart):
+    """Grafana keys dashboards by uid across the whole instance: each release (namespace and name)
+    renders its own, so two production lines do not overwrite each other's."""
+    def uid(name, namespace):
+        out = chart.render({}, name=name, namespace=namespace)
+        docs = [d for path, t in sorted(out.items()) if path.endswith(".yaml") for d in kv.load_documents(t)]
+        cm = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["labels"].get("grafana_dashboard"))
+        return json.loads(cm["data"]["ray-inspect.json"])["uid"]
+
+    uids = {uid("line-1", "inspect"), uid("line-2", "inspect"), uid("line-1", "other")}
+    assert len(uids) == 3 and all(u.startswith("ray-inspect-") and len(u) <= 40 for u in uids)
+    assert uid("line-1", "inspect") == uid("line-1", "inspect")          # stable across upgrades

@@ -6,13 +6,19 @@ exactly as `make install` does, pinned by constraints.txt alone (one source of t
 
 from __future__ import annotations
 
+import ast
 import copy
 import re
+import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from helpers import k8s_validate as kv
 
@@ -55,6 +61,8 @@ def test_raycluster_has_a_cpu_head_and_a_gpu_worker_group():
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert "value" not in env[key]
             assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "ray-inspect-s3", "key": key}
+    assert head["image"].endswith("-cpu")                     # the head has no GPU: no CUDA to pull
+    assert gpu["template"]["spec"]["containers"][0]["image"].endswith("-cu128")
 
 
 @pytest.mark.parametrize("name, command", [("rayjob-train.yaml", "train"), ("rayjob-scan.yaml", "scan")])
@@ -87,9 +95,49 @@ def test_dockerfile_installs_like_make():
              r"pip install [^\n]*-c constraints\.txt (\.|-e '\.\[test\]')")
     assert re.search(steps, dockerfile) and re.search(steps, makefile)
     assert not re.search(r"torch\s*[=<>~]=", dockerfile + makefile)          # no second torch pin
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert f"torch=={pins()['torch']}" in deps
+    torch = next(Requirement(d) for d in dependencies() if Requirement(d).name == "torch")
+    assert torch.specifier.contains(pins()["torch"]) and "==" not in str(torch.specifier)  # a range
     assert "COPY --chown=1000:100 constraints.txt" in dockerfile
+
+
+def dependencies() -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def test_dockerfile_installs_the_dependencies_in_a_layer_before_the_source():
+    """A code change rebuilds only the last layer: pyproject's dependencies are installed before the
+    source is copied, the package itself after it without dependencies. The RUN line that lists
+    them runs here in a shell as Docker runs it, and lists exactly pyproject's dependencies."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    deps_at = dockerfile.index("-r /tmp/requirements.txt")
+    source_at = dockerfile.index("COPY --chown=1000:100 ray_inspect ./ray_inspect")
+    assert deps_at < source_at
+    assert "pip install --no-cache-dir --no-deps -c constraints.txt ." in dockerfile[source_at:]
+    assert "COPY --chown=1000:100 ray_inspect" not in dockerfile[:deps_at]
+    listing = re.search(r'(python -c "import tomllib.*")\s*\\\n\s*> /tmp/requirements\.txt', dockerfile)
+    cmd = listing.group(1).replace("python", shlex.quote(sys.executable), 1)
+    out = subprocess.run(["sh", "-c", cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == dependencies()
+
+
+def test_every_package_the_code_imports_is_declared():
+    """Each third-party module imported anywhere in ray_inspect/ belongs to a distribution named in
+    pyproject's dependencies (not only pulled in by another one)."""
+    from importlib.metadata import packages_distributions
+
+    modules = set()
+    for path in (ROOT / "ray_inspect").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = modules - set(sys.stdlib_module_names) - {"ray_inspect", "__future__"}
+    declared = {canonicalize_name(Requirement(d).name) for d in dependencies()}
+    owners = packages_distributions()
+    undeclared = {m: owners.get(m) for m in third_party
+                  if not {canonicalize_name(d) for d in owners.get(m, [])} & declared}
+    assert len(third_party) >= 15 and not undeclared, undeclared
 
 
 def test_dockerfile_base_and_user():

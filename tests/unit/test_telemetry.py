@@ -275,3 +275,44 @@ def test_cli_options_configure_telemetry(monkeypatch):
     assert seen["args"] == (9400, "0.0.0.0", "http://pgw:9091", "json")
     res = CliRunner().invoke(main, ["--log-format", "xml", "report", "--help"])
     assert res.exit_code == 2 and "xml" in res.output
+
+
+def test_a_scan_that_fails_before_it_starts_is_counted_with_its_reason():
+    """No start (the model did not load): the run still ends as failed, counted by reason, and the
+    last run's reason is 1 for that reason and 0 for the others."""
+    tel, reg = scan_telemetry()
+    tel.finish({"failure": "model", "error": "/m: not a model directory"}, ok=False)
+    tel.finish({"failure": "no such stage"}, ok=False)                  # unknown: internal
+    v = reg.get_sample_value
+    assert v("ray_inspect_scan_runs_failed_total", {"reason": "model"}) == 1
+    assert v("ray_inspect_scan_runs_failed_total", {"reason": "internal"}) == 1
+    assert v("ray_inspect_scan_runs_failed_total", {"reason": "source"}) == 0
+    assert v("ray_inspect_scan_last_run_success") == 0
+    assert v("ray_inspect_scan_last_run_failure", {"reason": "internal"}) == 1
+    assert v("ray_inspect_scan_last_run_failure", {"reason": "model"}) == 0
+    assert v("ray_inspect_scan_last_success_timestamp_seconds") is None
+
+
+def test_a_scan_whose_model_or_source_fails_is_a_failed_run_with_that_reason(tmp_path):
+    """scan() records the run as failed, by stage, before Ray is even needed."""
+    from PIL import Image
+
+    from ray_inspect.config import ModelConfig
+    from ray_inspect.core.model import build_model
+    from ray_inspect.distributed.scan import scan
+    from ray_inspect.io.artifact import ModelCard, save_model
+
+    tel, reg = scan_telemetry()
+    with pytest.raises((ValueError, OSError)):
+        scan(str(tmp_path / "no-model"), str(tmp_path), str(tmp_path / "out"), telemetry=tel)
+    model = str(tmp_path / "model")
+    save_model(model, build_model(ModelConfig()), ModelCard(model=ModelConfig(), resize=None))
+    (tmp_path / "empty").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "empty" / "notes.txt", format="PNG")   # no image names
+    with pytest.raises(FileNotFoundError):
+        scan(model, str(tmp_path / "empty"), str(tmp_path / "out"), telemetry=tel)
+    v = reg.get_sample_value
+    assert v("ray_inspect_scan_runs_failed_total", {"reason": "model"}) == 1
+    assert v("ray_inspect_scan_runs_failed_total", {"reason": "source"}) == 1
+    assert v("ray_inspect_scan_last_run_failure", {"reason": "source"}) == 1
+    assert v("ray_inspect_scan_last_run_success") == 0

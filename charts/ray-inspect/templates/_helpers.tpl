@@ -36,10 +36,71 @@ app.kubernetes.io/part-of: ray-inspect
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The image of a pod; args: root, gpu (bool). GPU workers get the CUDA build, every other pod
+(head, CPU workers, submitters) the smaller CPU one, unless image.tag fixes one tag for all. */}}
 {{- define "ray-inspect.image" -}}
-{{- $flavor := ternary .Values.image.cudaFlavor "cpu" .Values.workers.gpu.enabled }}
-{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion $flavor) }}
-{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- $v := .root.Values }}
+{{- $flavor := ternary $v.image.cudaFlavor "cpu" (.gpu | default false) }}
+{{- $tag := $v.image.tag | default (printf "%s-%s" .root.Chart.AppVersion $flavor) }}
+{{- printf "%s:%s" $v.image.repository $tag }}
+{{- end }}
+
+{{/* Labels and annotations of a Ray pod or submitter; args: root, component, group (its values).
+pods.* first, the group's own over them; the chart's selector labels cannot be overridden. */}}
+{{- define "ray-inspect.podMetadata" -}}
+{{- $p := .root.Values.pods }}
+{{- $labels := merge (deepCopy (.group.labels | default dict)) (deepCopy ($p.labels | default dict)) }}
+{{- $labels = omit $labels "app.kubernetes.io/part-of" "app.kubernetes.io/instance" "app.kubernetes.io/component" }}
+{{- $annotations := merge (deepCopy (.group.annotations | default dict)) (deepCopy ($p.annotations | default dict)) -}}
+labels:
+  {{- include "ray-inspect.podSelectorLabels" .root | nindent 2 }}
+  app.kubernetes.io/component: {{ .component }}
+  {{- with $labels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level settings a site adds (service account, runtime and priority class, volumes); args:
+root, group. */}}
+{{- define "ray-inspect.podExtras" -}}
+{{- $p := .root.Values.pods }}
+{{- with $p.serviceAccountName }}
+serviceAccountName: {{ . }}
+{{- end }}
+{{- with (.group.runtimeClassName | default $p.runtimeClassName) }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with (.group.priorityClassName | default $p.priorityClassName) }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with concat ($p.volumes | default list) (.group.volumes | default list) }}
+volumes:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Extra environment entries of a container (pods.extraEnv, then the group's); args: root, group. */}}
+{{- define "ray-inspect.extraEnv" -}}
+{{- with concat (.root.Values.pods.extraEnv | default list) (.group.extraEnv | default list) }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* envFrom and volumeMounts of a container; args: root, group. */}}
+{{- define "ray-inspect.containerExtras" -}}
+{{- $p := .root.Values.pods }}
+{{- with concat ($p.envFrom | default list) (.group.envFrom | default list) }}
+envFrom:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with concat ($p.volumeMounts | default list) (.group.volumeMounts | default list) }}
+volumeMounts:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/* S3 environment: endpoint as a value or from the Secret; credentials only by secretKeyRef. */}}
@@ -98,11 +159,13 @@ ray-inspect --metrics-port {{ $t.metricsPort | int }} --metrics-bind 0.0.0.0 --l
 {{- end }}
 
 {{/* The scan entrypoint: one command, no shell syntax (KubeRay joins it into the submitter's own
-command line); with allowBadInputs, a night whose only failures are bad inputs exits 0. */}}
+command line); with allowBadInputs, a night whose only failures are bad inputs exits 0. A {date} in
+source or out is the night before the run in the schedule's time zone. */}}
 {{- define "ray-inspect.scanEntrypoint" -}}
 {{- $s := .Values.scan -}}
 {{ include "ray-inspect.globalArgs" . }} scan {{ $s.model | default .Values.training.model }} {{ $s.source }} {{ $s.out }} --workers {{ $s.workers | int }} --gpus-per-worker {{ include "ray-inspect.scanGpus" . }} --address auto
 {{- if $s.force }} --force{{ end }}
+{{- if or (contains "{date" $s.source) (contains "{date" $s.out) }} --timezone {{ $s.timeZone }}{{ end }}
 {{- if $s.allowBadInputs }} --allow-bad-inputs{{ end }}
 {{- range $s.extraArgs }} {{ . }}{{ end }}
 {{- end }}
@@ -147,11 +210,10 @@ securityContext:
     {{- toYaml ($g.rayStartParams | default dict) | nindent 4 }}
   template:
     metadata:
-      labels:
-        {{- include "ray-inspect.podSelectorLabels" $root | nindent 8 }}
-        app.kubernetes.io/component: {{ .component }}
+      {{- include "ray-inspect.podMetadata" (dict "root" $root "component" .component "group" $g) | nindent 6 }}
     spec:
       {{- include "ray-inspect.podCommon" $root | nindent 6 }}
+      {{- include "ray-inspect.podExtras" (dict "root" $root "group" $g) | nindent 6 }}
       {{- with $g.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -166,15 +228,17 @@ securityContext:
       {{- end }}
       containers:
         - name: ray-worker
-          image: {{ include "ray-inspect.image" $root }}
+          image: {{ include "ray-inspect.image" (dict "root" $root "gpu" .gpus) }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           ports:
             - name: metrics
               containerPort: 8080
-          {{- with include "ray-inspect.s3Env" $root | trim }}
+          {{- $env := printf "%s\n%s" (include "ray-inspect.s3Env" $root) (include "ray-inspect.extraEnv" (dict "root" $root "group" $g)) | trim }}
+          {{- with $env }}
           env:
             {{- . | nindent 12 }}
           {{- end }}
+          {{- include "ray-inspect.containerExtras" (dict "root" $root "group" $g) | nindent 10 }}
           resources:
             {{- include "ray-inspect.workerResources" . | nindent 12 }}
           securityContext:
@@ -194,6 +258,11 @@ metrics (telemetry.metricsPort, named "inspect-metrics"): the entrypoint runs on
 {{- fail "enable at least one worker group: workers.gpu.enabled or workers.cpu.enabled" }}
 {{- end -}}
 rayVersion: {{ $v.rayVersion | quote }}
+authOptions:
+  mode: {{ $v.cluster.auth.mode }}
+  {{- with $v.cluster.auth.secretName }}
+  secretName: {{ . }}
+  {{- end }}
 enableInTreeAutoscaling: {{ $v.cluster.autoscaling.enabled }}
 {{- if $v.cluster.autoscaling.enabled }}
 autoscalerOptions:
@@ -207,11 +276,10 @@ headGroupSpec:
     {{- toYaml $head.rayStartParams | nindent 4 }}
   template:
     metadata:
-      labels:
-        {{- include "ray-inspect.podSelectorLabels" $root | nindent 8 }}
-        app.kubernetes.io/component: {{ .component }}
+      {{- include "ray-inspect.podMetadata" (dict "root" $root "component" .component "group" $head) | nindent 6 }}
     spec:
       {{- include "ray-inspect.podCommon" $root | nindent 6 }}
+      {{- include "ray-inspect.podExtras" (dict "root" $root "group" $head) | nindent 6 }}
       {{- with $head.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -226,7 +294,7 @@ headGroupSpec:
       {{- end }}
       containers:
         - name: ray-head
-          image: {{ include "ray-inspect.image" $root }}
+          image: {{ include "ray-inspect.image" (dict "root" $root "gpu" false) }}
           imagePullPolicy: {{ $v.image.pullPolicy }}
           ports:
             - name: gcs-server
@@ -245,6 +313,10 @@ headGroupSpec:
             {{- with include "ray-inspect.s3Env" $root | trim }}
             {{- . | nindent 12 }}
             {{- end }}
+            {{- with include "ray-inspect.extraEnv" (dict "root" $root "group" $head) | trim }}
+            {{- . | nindent 12 }}
+            {{- end }}
+          {{- include "ray-inspect.containerExtras" (dict "root" $root "group" $head) | nindent 10 }}
           resources:
             {{- toYaml $head.resources | nindent 12 }}
           securityContext:
@@ -261,17 +333,22 @@ workerGroupSpecs:
 {{/* The submitter pod: image pull secrets and a small footprint; KubeRay fills in the command. */}}
 {{- define "ray-inspect.submitterPodTemplate" -}}
 {{- $root := .root -}}
+{{- $sub := $root.Values.submitter -}}
 metadata:
-  labels:
-    {{- include "ray-inspect.podSelectorLabels" $root | nindent 4 }}
-    app.kubernetes.io/component: {{ .component }}-submitter
+  {{- include "ray-inspect.podMetadata" (dict "root" $root "component" (printf "%s-submitter" .component) "group" $sub) | nindent 2 }}
 spec:
   restartPolicy: Never
   {{- include "ray-inspect.podCommon" $root | nindent 2 }}
+  {{- include "ray-inspect.podExtras" (dict "root" $root "group" $sub) | nindent 2 }}
   containers:
     - name: ray-job-submitter
-      image: {{ include "ray-inspect.image" $root }}
+      image: {{ include "ray-inspect.image" (dict "root" $root "gpu" false) }}
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      {{- with include "ray-inspect.extraEnv" (dict "root" $root "group" $sub) | trim }}
+      env:
+        {{- . | nindent 8 }}
+      {{- end }}
+      {{- include "ray-inspect.containerExtras" (dict "root" $root "group" $sub) | nindent 6 }}
       resources:
         {{- toYaml $root.Values.submitter.resources | nindent 8 }}
       securityContext:
