@@ -8,6 +8,7 @@ written as the usual model directory (weights first, card last).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -35,7 +36,6 @@ from ray_inspect.telemetry import NULL_TRAIN, TrainRecorder
 STATE = "state.pt"
 log = logging.getLogger(__name__)
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-_USER_START_TIMEOUT = os.environ.get(START_TIMEOUT_ENV)      # a value of the user's wins
 
 EpochCallback = Callable[[dict], None]
 
@@ -326,14 +326,31 @@ def _asked(run: RunConfig, use_gpu: bool, cpus: float) -> str:
     return f"{run.workers} training worker(s) of {offer({'CPU': cpus, 'GPU': 1 if use_gpu else 0})}"
 
 
-def _fit(trainer: Any, asked: str, wait: float) -> Any:
+@contextlib.contextmanager
+def _worker_start_timeout(seconds: float) -> Iterator[None]:
+    """Ray Train's controller waits this long for its worker group's resources, once (it reads the
+    variable from the driver's environment when fit() starts it; a value the user set wins). Only
+    for the duration of fit(): processes started later do not inherit it."""
+    if os.environ.get(START_TIMEOUT_ENV):
+        yield
+        return
+    os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(START_TIMEOUT_ENV, None)
+
+
+def _fit_trainer(trainer: Any, asked: str, wait: float) -> Any:
     """``trainer.fit()``; workers that could not be placed within ``wait`` seconds end as one
-    ResourcesUnavailable saying what was asked and what the cluster offers."""
+    ResourcesUnavailable saying what was asked and what the cluster offers (without a limit on
+    controller failures, Ray Train would try again forever)."""
     import ray
     from ray.train.v2.api.exceptions import ControllerError
 
     try:
-        return trainer.fit()
+        with _worker_start_timeout(wait):
+            return trainer.fit()
     except ControllerError as exc:
         if type(exc.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
             raise
@@ -342,13 +359,13 @@ def _fit(trainer: Any, asked: str, wait: float) -> Any:
                                    f"offers {offered} (--wait-for-resources)") from None
 
 
-def _run(trainer: Any, pump: _ProgressPump | None, asked: str = "", wait: float = 0.0) -> Any:
+def _run(trainer: Any, pump: _ProgressPump | None, asked: str, wait: float) -> Any:
     """``trainer.fit()``'s result, the pump delivering the epochs meanwhile; an error of the epoch
     callback is raised once the training has finished."""
     if pump is None:
-        return _fit(trainer, asked, wait)
+        return _fit_trainer(trainer, asked, wait)
     with pump:
-        result = _fit(trainer, asked, wait)
+        result = _fit_trainer(trainer, asked, wait)
     if pump.error is not None:
         pump.error.add_note("raised by the epoch callback; the training finished and checkpointed, "
                             "so a rerun resumes there and writes the model")
@@ -397,10 +414,6 @@ def _trainer(config: dict, run: RunConfig, use_gpu: bool, name: str, storage_url
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage_path, fs = _storage_fs(storage_url)
-    # The worker group waits up to --wait-for-resources for its nodes, once: Ray Train's controller
-    # reads the timeout from this variable (it passes it on to its own actor), and without a limit on
-    # controller failures it would try again forever.
-    os.environ[START_TIMEOUT_ENV] = _USER_START_TIMEOUT or f"{run.wait_for_resources:g}"
     return TorchTrainer(
         train_loop,
         train_loop_config=config,

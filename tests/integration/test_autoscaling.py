@@ -1,9 +1,10 @@
 """Resource waiting on an autoscaling cluster: GPU nodes that the autoscaler adds from zero.
 
-The cluster is Ray's fake multi-node autoscaler (the configuration ``ray.cluster_utils.AutoscalingCluster``
-generates: a head without GPUs, a node type with one GPU, min 0, max 2), started here on 127.0.0.1 with
-token auth and without ``ray stop`` (which would stop the test session's own Ray too). Its fake GPU
-nodes compute on CPU (``RAY_INSPECT_DEVICE=cpu``). ``scan`` and ``train`` run as the real command.
+The cluster is Ray's fake multi-node autoscaler, configured as ``ray.cluster_utils.AutoscalingCluster``
+configures it (whose template file the wheel does not ship): a head without GPUs and a node type with
+one GPU, min 0, max 2. It is started here on 127.0.0.1 with token auth, and without ``ray stop``, which
+would stop the test session's own Ray too. Its fake GPU nodes compute on CPU (``RAY_INSPECT_DEVICE=cpu``).
+``scan`` and ``train`` run as the real command.
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ GPU_NODES = {"gpu": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_
                      "max_workers": 2}}
 
 
+def _autoscaling_config(head_cpus: int, gcs_address: str) -> dict:
+    """The fake multi-node provider's cluster config: the head node type and GPU_NODES, whose nodes
+    join the head's GCS at ``gcs_address``."""
+    return {
+        "cluster_name": "fake_multinode", "max_workers": 2,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": {"ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {},
+                                                      "max_workers": 0}, **GPU_NODES},
+        "head_node_type": "ray.head.default", "upscaling_speed": 1.0, "idle_timeout_minutes": 1.0,
+        "auth": {}, "docker": {}, "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": []}
+
+
 def _ray_env(token: str) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_INSPECT_DEVICE": "cpu",
            "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
@@ -39,14 +56,13 @@ def _ray_env(token: str) -> dict:
 @pytest.fixture(scope="module")
 def autoscaling_cluster():
     """(GCS address, environment): a head with 1 CPU and no GPU, GPU nodes added on demand."""
-    from ray.cluster_utils import AutoscalingCluster
-
-    config = AutoscalingCluster(head_resources={"CPU": 1}, worker_node_types=GPU_NODES)._config
+    ports = free_ports(6)
+    address = f"127.0.0.1:{ports[0]}"
+    config = _autoscaling_config(head_cpus=1, gcs_address=address)
     temp = tempfile.mkdtemp(prefix="as-", dir="/tmp")         # Ray's socket paths must stay short
     config_path = os.path.join(temp, "autoscaling.json")
     with open(config_path, "w") as f:
         json.dump(config, f)
-    ports = free_ports(6)
     env = {**_ray_env(secrets.token_hex(32)), "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
     cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--autoscaling-config={config_path}",
            "--node-ip-address=127.0.0.1", f"--port={ports[0]}", "--num-cpus=1", "--include-dashboard=false",
@@ -55,13 +71,21 @@ def autoscaling_cluster():
            f"--node-manager-port={ports[5]}", f"--temp-dir={temp}", "--disable-usage-stats"]
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    address = f"127.0.0.1:{ports[0]}"
     try:
         _wait_for_head(address, env, head)
         yield address, env
     finally:
         _stop_group(head)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _resources(address: str, env: dict) -> dict:
+    """The cluster's resources now, as a driver of its own sees them."""
+    probe = ("import json, ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+             "print(json.dumps(ray.cluster_resources()))")
+    res = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def _wait_for_head(address: str, env: dict, head: subprocess.Popen, timeout: float = 120) -> None:
@@ -96,6 +120,7 @@ def _cli(env: dict, *args: str, timeout: float = 400) -> subprocess.CompletedPro
 def test_scan_and_train_wait_for_gpu_nodes_the_autoscaler_adds(autoscaling_cluster, trained_model, patches,
                                                                dataset, tmp_path):
     address, env = autoscaling_cluster
+    assert "GPU" not in _resources(address, env)                 # no GPU node is up yet
     source = tmp_path / "night"
     source.mkdir()
     for i, f in enumerate(sorted(Path(dataset, "test").rglob("*.png"))[:4]):
@@ -108,7 +133,6 @@ def test_scan_and_train_wait_for_gpu_nodes_the_autoscaler_adds(autoscaling_clust
     assert scan.returncode == 0, err[-3000:]
     summary = json.loads(out)
     assert (summary["workers"], summary["gpus_per_worker"], summary["scanned"]) == (2, 1.0, 4)
-    assert "waiting for resources" in err                      # it said what it waited for
     train = _cli(env, "train", patches, str(tmp_path / "model"), "--use-gpu", "--workers", "2",
                  "--epochs", "1", "--storage", str(tmp_path / "runs"), "--address", address, "--json")
     assert train.returncode == 0, train.stderr[-3000:]

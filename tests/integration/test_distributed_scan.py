@@ -337,16 +337,15 @@ def test_pool_runs_an_image_that_was_lost_alone_on_an_idle_actor():
     assert [i.stem for i in queue] == ["lost2"] and pool.busy == [2, 3]   # it waits for an idle actor
 
 
-class _Tiny:
-    def pid(self):
-        return os.getpid()
-
-
 def test_actors_that_cannot_start_in_time_are_given_up_or_the_scan_gives_up(ray_session):
     """One of two actors asks for a resource no node has: after the wait the pool goes on with the
     other and says so; when no actor can start, one ResourcesUnavailable line says what was asked
     and what the cluster offers."""
     import ray
+
+    class _Tiny:          # defined here, so that Ray ships it by value to its workers
+        def pid(self):
+            return os.getpid()
 
     from ray_inspect.distributed.cluster import ResourcesUnavailable
     from ray_inspect.distributed.scan import _await_actors
