@@ -44,6 +44,22 @@ def _process_registry() -> CollectorRegistry:
     return PROCESS_REGISTRY
 
 
+class _Labelled:
+    """Every sample of a registry with labels added (the pipeline), so that the series of several
+    production lines stay apart wherever they are scraped."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]):
+        self.registry, self.labels = registry, labels
+
+    def collect(self):
+        from prometheus_client.metrics_core import Metric
+
+        for family in self.registry.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = [s._replace(labels={**s.labels, **self.labels}) for s in family.samples]
+            yield out
+
+
 class Telemetry:
     """One process's telemetry: serves its registry on the metrics port (started on first use) and
     hands out per-run recorders."""
@@ -64,7 +80,8 @@ class Telemetry:
         return (self.cfg.metrics_bind, self.cfg.metrics_port, id(self.registry))
 
     def serve(self) -> int | None:
-        """Start the HTTP exposition on ``metrics_bind:metrics_port`` once per process; returns the port."""
+        """Start the HTTP exposition on ``metrics_bind:metrics_port`` once per process, every series
+        labelled with the pipeline; returns the port."""
         port, bind = self.cfg.metrics_port, self.cfg.metrics_bind
         if port <= 0:
             return None
@@ -73,8 +90,10 @@ class Telemetry:
             if key not in _SERVERS:
                 from prometheus_client import start_http_server
 
+                exposed = CollectorRegistry(auto_describe=False)
+                exposed.register(_Labelled(self.registry, {"pipeline": self.cfg.pipeline}))
                 try:
-                    _SERVERS[key] = start_http_server(port, addr=bind, registry=self.registry)
+                    _SERVERS[key] = start_http_server(port, addr=bind, registry=exposed)
                 except OSError as exc:
                     raise ValueError(f"--metrics-port {port} on {bind}: {exc.strerror or exc}") from None
                 log.info("metrics on http://%s:%d/metrics", bind, port)

@@ -62,6 +62,8 @@ def test_dashboard_covers_the_issue():
                    "ray_inspect_train_checkpoint_duration_seconds_sum", "ray_inspect_storage_retries_total"):
         assert metric in exprs, metric
     assert "histogram_quantile(0.95" in exprs
+    every = [e for _, e in dashboard_exprs()]                 # the pipeline variable selects every query
+    assert all(e.count("ray_inspect_") == e.count('pipeline=~"$pipeline"') for e in every)
 
 
 def scan_source(dataset: str, dest: str, copies: int = 3) -> int:
@@ -151,7 +153,7 @@ def test_real_prometheus_scrapes_train_and_scan(patches, dataset, tmp_path, requ
 
             empty = []
             for title, expr in dashboard_exprs():
-                q = expr.replace("$__rate_interval", RATE_INTERVAL)
+                q = expr.replace("$__rate_interval", RATE_INTERVAL).replace("$pipeline", PIPELINE)
                 if not prom.values(q, t0, t1):
                     empty.append((title, q))
             assert not empty, f"dashboard queries without data: {empty}"

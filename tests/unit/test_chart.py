@@ -139,7 +139,7 @@ def test_training_rayjob(chart):
         "--epochs", "200", "--batch-size", "32", "--workers", "4", "--use-gpu", "--storage",
         "s3://ray-inspect/runs", "--checkpoint-every", "1", "--max-failures", "3", "--address", "auto"]
     assert (spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"], spec["activeDeadlineSeconds"],
-            spec["backoffLimit"], spec["submissionMode"]) == (True, 3600, 86400, 2, "K8sJobMode")
+            spec["backoffLimit"], spec["submissionMode"]) == (True, 300, 86400, 2, "K8sJobMode")
     head, workers = containers(spec["rayClusterSpec"])
     assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert "nvidia.com/gpu" not in json.dumps(head)

@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ray_inspect"
 SUBPACKAGES = ("core", "io", "steps", "distributed", "telemetry")
-TOP_LEVEL = {"__init__": "api", "config": "foundation", "records": "foundation",
+TOP_LEVEL = {"__init__": "api", "config": "foundation", "records": "foundation", "partitions": "foundation",
              "report": "report", "cli": "cli"}
 ALLOWED = {                      # layer -> ray_inspect layers it may import
     "foundation": {"foundation"},

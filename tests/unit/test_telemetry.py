@@ -151,13 +151,16 @@ def test_train_metrics():
 
 def test_metrics_port_serves_on_the_bind_address_only():
     (port,) = free_ports(1)
-    tel = t.Telemetry(t.TelemetryConfig(metrics_port=port, metrics_bind="127.0.0.1"), CollectorRegistry())
+    cfg = t.TelemetryConfig(metrics_port=port, metrics_bind="127.0.0.1", pipeline="line-7")
+    tel = t.Telemetry(cfg, CollectorRegistry())
     scan = tel.scan()                                      # the server starts with the first recorder
     try:
         scan.start(INFO)
         scan.image(record(42))
         text = scrape(f"http://127.0.0.1:{port}/metrics")
-        assert "ray_inspect_tiles_processed_total 42.0" in text
+        assert 'ray_inspect_tiles_processed_total{pipeline="line-7"} 42.0' in text
+        samples = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+        assert samples and all('pipeline="line-7"' in ln for ln in samples)   # every series, its line
         assert "_created" not in text                      # no *_created twins of every counter
         with socket.socket() as s:                         # bound to 127.0.0.1, not to every interface
             assert s.connect_ex((_other_local_address(), port)) != 0
