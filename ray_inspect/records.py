@@ -9,10 +9,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
 
-class FailureKind(StrEnum):
+class _Vocabulary(StrEnum):
+    """A fixed vocabulary of metric label values whose last member is its catch-all."""
+
+    @classmethod
+    def of(cls, word: object) -> Self:
+        """``word`` as a member; words outside the vocabulary become the last member."""
+        try:
+            return cls(str(word))
+        except ValueError:
+            return list(cls)[-1]
+
+
+class FailureKind(_Vocabulary):
     """Why an image was not scanned: a fixed vocabulary (a metric label never carries file names)."""
 
     EMPTY = "empty"
@@ -30,15 +42,7 @@ class FailureKind(StrEnum):
     STORAGE = "storage"
     WORKER_DIED = "worker_died"
     INTERNAL = "internal"
-    OTHER = "other"
-
-    @classmethod
-    def of(cls, kind: str) -> FailureKind:
-        """``kind`` as a member; words outside the vocabulary become OTHER."""
-        try:
-            return cls(kind)
-        except ValueError:
-            return cls.OTHER
+    OTHER = "other"               # the catch-all: any other word
 
     @property
     def bad_input(self) -> bool:
@@ -48,7 +52,7 @@ class FailureKind(StrEnum):
                             FailureKind.OTHER)
 
 
-class RunFailure(StrEnum):
+class RunFailure(_Vocabulary):
     """Why a whole run failed, by the stage it reached (a metric label): its model, its source, the
     cluster, the resources it waited for, an object store that stayed unreachable, an interruption,
     or anything else while it ran."""
@@ -59,15 +63,7 @@ class RunFailure(StrEnum):
     RESOURCES = "resources"
     STORAGE = "storage"
     INTERRUPTED = "interrupted"
-    INTERNAL = "internal"
-
-    @classmethod
-    def of(cls, reason: object) -> RunFailure:
-        """``reason`` as a member; anything else is INTERNAL."""
-        try:
-            return cls(str(reason))
-        except ValueError:
-            return cls.INTERNAL
+    INTERNAL = "internal"         # the catch-all: anything else
 
 
 class InputError(ValueError):
