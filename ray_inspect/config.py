@@ -229,9 +229,13 @@ class RetryPolicy:
     connect_timeout: float = 10.0     # seconds to open a connection
     read_timeout: float = 60.0        # seconds without a byte from an open connection
 
+    def wait(self, failed: int) -> float:
+        """Seconds before the next try after ``failed`` failed tries (jitter not counted)."""
+        return min(self.max_wait, self.first_wait * 2 ** (failed - 1))
+
     def budget(self) -> float:
         """The seconds a request keeps retrying, at least (jitter not counted)."""
-        return sum(min(self.max_wait, self.first_wait * 2 ** i) for i in range(self.attempts - 1))
+        return sum(self.wait(n) for n in range(1, self.attempts))
 
 
 @dataclass(frozen=True)

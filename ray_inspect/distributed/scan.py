@@ -115,8 +115,7 @@ class ScanActor:
         except InputError as exc:
             result = ScanResult(Outcome.ERROR, error=ScanError(sample.key, exc.url, exc.reason, exc.kind))
         except storage.StorageError as exc:         # the store stayed unreachable past the retry policy
-            error = ScanError(sample.key, sample.url, str(exc)[:300], FailureKind.STORAGE)
-            result = ScanResult(Outcome.ERROR, error=error)
+            result = ScanResult(Outcome.ERROR, error=_scan_error(sample, exc))
         return replace(result, retries=storage.thread_retries() - before)
 
 
@@ -573,11 +572,16 @@ def _lost(run: _Run, queue: deque[_Item], item: _Item, exc: BaseException) -> No
                                    FailureKind.WORKER_DIED))
 
 
-def _failed(run: _Run, item: _Item, exc: BaseException) -> None:
-    """The scan raised something other than bad input: a storage failure, or a bug."""
+def _scan_error(sample: Sample, exc: BaseException) -> ScanError:
+    """An image whose scan raised something other than bad input: a storage failure, or a bug."""
     kind = FailureKind.STORAGE if isinstance(exc, storage.StorageError) else FailureKind.INTERNAL
     reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-    _fail(run, item, ScanError(item.sample.key, item.sample.url, reason, kind))
+    return ScanError(sample.key, sample.url, reason, kind)
+
+
+def _failed(run: _Run, item: _Item, exc: BaseException) -> None:
+    """The scan raised something other than bad input: into errors.jsonl as ``_scan_error`` says."""
+    _fail(run, item, _scan_error(item.sample, exc))
 
 
 def _fail(run: _Run, item: _Item, error: ScanError) -> None:

@@ -103,9 +103,8 @@ def _out_of_attempts(state: RetryCallState) -> bool:
 
 
 def _wait(state: RetryCallState) -> float:
-    """The policy's backoff before the next try: exponential, capped, plus random jitter."""
-    wait = min(RETRY.max_wait, RETRY.first_wait * 2 ** (state.attempt_number - 1))
-    return wait + random.uniform(0, RETRY.jitter)
+    """The policy's backoff before the next try, plus random jitter."""
+    return RETRY.wait(state.attempt_number) + random.uniform(0, RETRY.jitter)
 
 
 retrying = retry(retry=retry_if_exception(_transient), stop=_out_of_attempts, wait=_wait,
