@@ -29,6 +29,7 @@ TRAININGS = {
     "cosine": ["--lr", "5e-4", "--lr-schedule", "cosine"],
     "flips": ["--lr", "2e-4", "--lr-schedule", "constant", "--augment", "flips"],
     "cosine-flips": ["--lr", "5e-4", "--lr-schedule", "cosine", "--augment", "flips"],
+    "cosine-defects": ["--lr", "5e-4", "--lr-schedule", "cosine", "--synthetic-defects", "0.5"],
 }
 # Ablation rows: (name, training recipe, calibrate's score options).
 ROWS = {
@@ -40,6 +41,10 @@ ROWS = {
     "position": ("paper", ["--normalise", "position"]),
     "flips": ("flips", []),
     "schedule+flips+smoothing+position": ("cosine-flips", ["--smooth-sigma", "4", "--normalise", "position"]),
+    "schedule+defects": ("cosine-defects", []),
+    "schedule+defects+smoothing": ("cosine-defects", ["--smooth-sigma", "4"]),
+    "schedule+defects+smoothing+position": ("cosine-defects",
+                                            ["--smooth-sigma", "4", "--normalise", "position"]),
 }
 
 

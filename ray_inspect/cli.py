@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -27,17 +28,20 @@ from ray_inspect.config import (
 )
 from ray_inspect.io.storage import ENDPOINT_ENV
 
+ERRORS_SHOWN = 20       # images not scanned that the terminal names (errors.jsonl lists all)
+
 
 class OneLineErrors(click.Group):
     """Expected failures (bad files, bad URLs, bad settings) end as one line, not a traceback."""
 
     def invoke(self, ctx):
+        from ray_inspect.io.lease import LeaseHeld
         from ray_inspect.io.storage import StorageError
         from ray_inspect.records import InputError
 
         try:
             return super().invoke(ctx)
-        except (InputError, StorageError, FileNotFoundError, ValueError, TimeoutError) as exc:
+        except (InputError, StorageError, FileNotFoundError, ValueError, TimeoutError, LeaseHeld) as exc:
             click.echo(f"ray-inspect: error: {exc}", err=True)
             sys.exit(2)
         except Exception as exc:
@@ -193,6 +197,10 @@ def prepare(dataset, patches, n, short_side, scale, channels, chunk, seed, as_js
               show_default=True, help="constant (the paper) or cosine decay to lr x 0.05 by the last epoch.")
 @click.option("--augment", type=click.Choice(AUGMENTATIONS), default=TrainConfig.augment, show_default=True,
               help="Random flips, or flips and 90-degree turns (dihedral), of every patch.")
+@click.option("--synthetic-defects", type=click.FloatRange(0, 1), default=TrainConfig.synthetic_defects,
+              show_default=True, metavar="SHARE",
+              help="Share of patches given a pasted synthetic defect (blob or crack) that the network "
+                   "learns to remove (0: the paper). See docs/method.md.")
 @click.option("--alexnet-weights", default=None, help="torchvision AlexNet state dict (needed by --loss fm).")
 @click.option("--seed", default=TrainConfig.seed, show_default=True)
 @click.option("--workers", default=RunConfig.workers, show_default=True,
@@ -212,8 +220,8 @@ def prepare(dataset, patches, n, short_side, scale, channels, chunk, seed, as_js
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True)
 def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, precision,  # noqa: PLR0913 - one argument per click option
-          lr_schedule, augment, alexnet_weights, seed, workers, use_gpu, storage, run_name, checkpoint_every,
-          max_failures, cpus_per_worker, wait_for_resources, address, as_json):
+          lr_schedule, augment, synthetic_defects, alexnet_weights, seed, workers, use_gpu, storage, run_name,
+          checkpoint_every, max_failures, cpus_per_worker, wait_for_resources, address, as_json):
     """Train an autoencoder on PATCHES with Ray Train and write the model directory MODEL."""
     from ray_inspect.distributed.train import TrainHooks, fit
     from ray_inspect.io.patches import open_patches
@@ -223,7 +231,8 @@ def train(patches, model, loss, latent, epochs, batch_size, lr, weight_decay, pr
     channels = open_patches(patches).shape[1]
     mcfg = ModelConfig(loss=loss, latent=latent, channels=channels)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-                       precision=precision, lr_schedule=lr_schedule, augment=augment)
+                       precision=precision, lr_schedule=lr_schedule, augment=augment,
+                       synthetic_defects=synthetic_defects)
     run = RunConfig(workers=workers, use_gpu=use_gpu, storage=storage, run_name=run_name,
                     checkpoint_every=checkpoint_every, max_failures=max_failures, address=address,
                     cpus_per_worker=cpus_per_worker, wait_for_resources=wait_for_resources)
@@ -332,7 +341,7 @@ class _ScanProgress:
 
     def __call__(self, p) -> None:
         elapsed = max(self.line.elapsed(), 1e-9)
-        self.line.update(p.done, p.total, fresh=p.done - p.skipped,
+        self.line.update(p.done, None if p.listing else p.total, fresh=p.done - p.skipped,
                          **{"tiles/s": round(p.tiles / elapsed), "failed": p.failed, "resumed": p.skipped})
 
     def close(self) -> None:
@@ -370,12 +379,24 @@ class _ScanProgress:
               show_default=True, metavar="SECONDS",
               help="How long the scan actors may wait for their resources (an autoscaler adding "
                    "nodes) before the command gives up with exit status 2.")
+@click.option("--keys", "keys_file", default=None, metavar="FILE|s3://...",
+              help="Scan the keys this file lists (one per line, relative to SOURCE; or CSV in the S3 "
+                   "Inventory layout) instead of listing SOURCE. Keys with no object go to errors.jsonl.")
+@click.option("--image-timeout", type=click.FloatRange(0, min_open=True), default=None, metavar="SECONDS",
+              help="An image not done after this long on its actor is recorded as timeout (after "
+                   "--max-attempts tries) and its actor replaced (default: no limit).")
+@click.option("--max-attempts", type=click.IntRange(1), default=ScanOptions.max_attempts, show_default=True,
+              help="Tries of an image whose actor dies or that times out.")
+@click.option("--lease-stale", type=click.FloatRange(1), default=ScanOptions.lease_stale, show_default=True,
+              metavar="SECONDS",
+              help="Another scan's lease on OUT without a heartbeat for this long is taken over.")
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def scan(ctx, model, source, out, stride, precision, batch_size, max_pixels, threshold, workers,  # noqa: PLR0913 - one argument per click option
          gpus_per_worker, cpus_per_worker, concurrency, region_pixels, force, night, timezone,
-         allow_bad_inputs, wait_for_resources, address, as_json):
+         allow_bad_inputs, wait_for_resources, keys_file, image_timeout, max_attempts, lease_stale, address,
+         as_json):
     """Scan SOURCE (MVTec root, folder or s3:// prefix) with MODEL on Ray actors into OUT.
 
     Rerunning the same command resumes: images whose outputs are complete for the same model and
@@ -400,14 +421,23 @@ def scan(ctx, model, source, out, stride, precision, batch_size, max_pixels, thr
     options = ScanOptions(workers=workers, gpus_per_worker=gpus_per_worker,
                           cpus_per_worker=cpus_per_worker, concurrency=concurrency, force=force,
                           allow_bad_inputs=allow_bad_inputs, wait_for_resources=wait_for_resources,
-                          address=address)
+                          keys=keys_file, image_timeout=image_timeout, max_attempts=max_attempts,
+                          lease_stale=lease_stale, address=address)
     cfg = replace(_inspect_cfg(stride, precision, batch_size, max_pixels), region_pixels=region_pixels)
     bar = _ScanProgress(tel)
+    shown = [0]
 
     def on_error(err: ScanError) -> None:
+        shown[0] += 1
+        if shown[0] > ERRORS_SHOWN:
+            return
         bar.line.interrupt()
         tel.say(f"skipped {err.url}: {err.reason}", level=logging.WARNING, key=err.key, kind=err.kind)
+        if shown[0] == ERRORS_SHOWN:
+            tel.say(f"further images not scanned are not shown here: see {out}/errors.jsonl",
+                    level=logging.WARNING)
 
+    signal.signal(signal.SIGTERM, _stop)          # Kubernetes stops a pod with SIGTERM: clean up first
     try:
         summary = run(model, source, out, cfg, threshold, options=options, telemetry=tel.scan(),
                       progress=bar, on_error=on_error)
@@ -417,6 +447,12 @@ def scan(ctx, model, source, out, stride, precision, batch_size, max_pixels, thr
     rep = {**{k: m.get(k) for k in SUMMARY_KEYS}, "scan": summary}
     _emit(summary, as_json, summary_table(rep))
     sys.exit(summary["exit_code"])
+
+
+def _stop(signum, frame) -> None:
+    """SIGTERM ends the command as an interruption: the scan records what it completed, gives its
+    lease back and reports the failed run before the process exits."""
+    raise SystemExit(128 + signum)
 
 
 @main.command()

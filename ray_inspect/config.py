@@ -67,6 +67,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # the paper's; "cosine" decays lr to lr * lr_floor over the epochs
     lr_floor: float = 0.05
     augment: str = "none"         # "flips" (horizontal, vertical) or "dihedral" (flips and 90-degree turns)
+    synthetic_defects: float = 0.0  # share of patches given a pasted defect the network learns to remove
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -78,6 +79,8 @@ class TrainConfig:
                              f"not {self.lr_schedule!r}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {self.augment!r}")
+        if not 0 <= self.synthetic_defects <= 1:
+            raise ValueError(f"synthetic defects must be a share in [0, 1], not {self.synthetic_defects}")
         if not 0 < self.lr_floor <= 1:
             raise ValueError("lr floor must be in (0, 1]")
 
@@ -207,8 +210,12 @@ class ScanOptions:
     depth: int | None = None              # images sent to an actor at once, default concurrency + 1: the
                                           # next image waits in the actor's queue, so no round trip to
                                           # the driver separates two images
-    max_attempts: int = 3                 # an image whose actor dies this often is recorded as lost
-    shard_size: int = 256                 # images of the listing per statistics shard
+    max_attempts: int = 3                 # an image whose actor dies (or that times out) this often is
+                                          # recorded as lost (or as timed out)
+    shard_size: int = 1000                # images of the listing per shard (statistics, manifest, ledger)
+    image_timeout: float | None = None    # seconds an image may take on its actor (None: no limit)
+    lease_stale: float = 120.0            # seconds without a heartbeat after which OUT's lease is stale
+    keys: str | None = None               # a file of keys to scan (text or CSV) instead of listing SOURCE
     force: bool = False                   # redo images whose outputs are complete
     allow_bad_inputs: bool = False        # exit 0, not 3, when every failure is a bad input
     address: str | None = None            # Ray cluster to join (default RAY_ADDRESS, else local)

@@ -39,8 +39,10 @@ class FailureKind(_Vocabulary):
     READ = "read"
     DECODE = "decode"
     FORMAT = "format"
+    MISSING = "missing"           # a key of --keys with no such object
     STORAGE = "storage"
     WORKER_DIED = "worker_died"
+    TIMEOUT = "timeout"           # not done within --image-timeout (its actor is replaced)
     INTERNAL = "internal"
     OTHER = "other"               # the catch-all: any other word
 
@@ -48,8 +50,8 @@ class FailureKind(_Vocabulary):
     def bad_input(self) -> bool:
         """The file itself is at fault (what ``--allow-bad-inputs`` accepts); not a store that stayed
         unreachable, an actor lost, a bug, or a kind this version does not know."""
-        return self not in (FailureKind.STORAGE, FailureKind.WORKER_DIED, FailureKind.INTERNAL,
-                            FailureKind.OTHER)
+        return self not in (FailureKind.STORAGE, FailureKind.WORKER_DIED, FailureKind.TIMEOUT,
+                            FailureKind.INTERNAL, FailureKind.OTHER)
 
 
 class RunFailure(_Vocabulary):
@@ -63,6 +65,7 @@ class RunFailure(_Vocabulary):
     RESOURCES = "resources"
     STORAGE = "storage"
     INTERRUPTED = "interrupted"
+    BUSY = "busy"                 # another scan holds OUT's lease
     INTERNAL = "internal"         # the catch-all: anything else
 
 
@@ -97,6 +100,7 @@ class ScanProgress:
     skipped: int = 0           # complete before this run (resumed)
     failed: int = 0            # bad input or lost
     tiles: int = 0             # windows run in this run
+    listing: bool = False      # the listing goes on: ``total`` is the images listed so far
 
 
 @dataclass(frozen=True)

@@ -12,31 +12,34 @@ from ray_inspect.config import ModelConfig, SSIMConfig
 from ray_inspect.core.model import AlexNetFeatures
 from ray_inspect.core.ssim import ssim_loss
 
-LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(model, x, target)``: how far ``model(x)`` is from ``target`` (``x`` itself, or the clean
+patch when ``x`` carries a synthetic defect)."""
 
 
-def _ssim(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return ssim_loss(model(x).float(), x.float(), SSIMConfig())
+def _ssim(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ssim_loss(model(x).float(), target.float(), SSIMConfig())
 
 
-def _l2(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(model(x).float(), x.float())
+def _l2(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(model(x).float(), target.float())
 
 
-def _vae(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _vae(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(Sum of squared errors + KL(Q(z|x) || N(0, I))) per image, divided by the pixels per image."""
     recon, mu, logvar = model(x)
     mu, logvar = mu.float(), logvar.float()
-    sse = ((recon.float() - x.float()) ** 2).flatten(1).sum(1)
+    sse = ((recon.float() - target.float()) ** 2).flatten(1).sum(1)
     kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).flatten(1).sum(1)
     return ((sse + kl) / x[0].numel()).mean()
 
 
 def _feature_matching(alexnet: AlexNetFeatures, lam: float) -> LossFn:
-    def loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         recon = model(x)
-        l2 = F.mse_loss(recon.float(), x.float())
-        feats = sum(F.mse_loss(a.float(), b.float()) for a, b in zip(alexnet(recon), alexnet(x), strict=True))
+        l2 = F.mse_loss(recon.float(), target.float())
+        feats = sum(F.mse_loss(a.float(), b.float())
+                    for a, b in zip(alexnet(recon), alexnet(target), strict=True))
         return l2 + lam * feats
     return loss
 

@@ -110,7 +110,7 @@ def train_loop(config: dict) -> None:
     if state is not None:
         opt.load_state_dict(state["optimizer"])  # after the move: Adam's state follows the parameters' device
     data = PatchBatches(open_patches(config["patches"]), train_cfg.batch_size, seed=train_cfg.seed, rank=rank,
-                        world=world, augment=train_cfg.augment)
+                        world=world, augment=train_cfg.augment, defects=train_cfg.synthetic_defects)
     every = max(1, int(config["checkpoint_every"]))
     for epoch in range(start, train_cfg.epochs):
         t0 = time.time()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ray_inspect.io import storage
-from ray_inspect.io.images import is_image
+from ray_inspect.io.images import IMAGE_FORMATS, is_image
 
 
 @dataclass(frozen=True)
@@ -43,36 +44,48 @@ def _images_below(url: str) -> list[str]:
     return [u for u in storage.find(url) if is_image(u)]
 
 
-def _versions_below(url: str) -> dict[str, str]:
-    return {u: v for u, v in storage.find_versions(url).items() if is_image(u)}
-
-
 def train_images(root: str) -> list[str]:
     """Defect-free training images: ROOT/train/good/*, or every image below ROOT otherwise."""
     good = storage.join(root, "train", "good")
     urls = _images_below(good if storage.isdir(good) else root)
     if not urls:
-        raise FileNotFoundError(f"{root}: no training images (PNG, TIFF, JPEG, BMP) found")
+        raise FileNotFoundError(f"{root}: no training images ({', '.join(IMAGE_FORMATS)}) found")
     return urls
 
 
 def list_samples(source: str) -> list[Sample]:
     """Test images of an MVTec root (with ground truth) or every image below a prefix (unlabelled)."""
-    if is_mvtec_root(source):
-        test = storage.join(source, "test")
-        out = []
-        for url, version in _versions_below(test).items():
-            rel = storage.relative(url, test)
-            defect = rel.split("/", 1)[0] if "/" in rel else "good"
-            mask = None
-            if defect != "good":
-                stem = posixpath.splitext(posixpath.basename(rel))[0]
-                sub = posixpath.dirname(rel.split("/", 1)[1]) if rel.count("/") > 1 else ""
-                mask = storage.join(source, "ground_truth", defect, sub, f"{stem}_mask.png") if sub else \
-                    storage.join(source, "ground_truth", defect, f"{stem}_mask.png")
-            out.append(Sample(url, "test/" + rel, defect, mask, version))
-        return out
-    return [Sample(u, storage.relative(u, source), version=v) for u, v in _versions_below(source).items()]
+    return list(iter_samples(source))
+
+
+def iter_samples(source: str) -> Iterator[Sample]:
+    """``list_samples`` as the listing arrives, page by page, in key order (memory does not grow
+    with the source)."""
+    root = source if not is_mvtec_root(source) else storage.join(source, "test")
+    head = None
+    for url, version in storage.iter_versions(root):
+        if not is_image(url):
+            continue
+        if head is None:                       # the listing's URLs all start like the first one's
+            rel = storage.relative(url, root)
+            head = url[: len(url) - len(rel)]
+        rel = url[len(head):] if url.startswith(head) else storage.relative(url, root)
+        if root == source:
+            yield Sample(url, rel, version=version)
+        else:
+            yield mvtec_sample(source, rel, url, version)
+
+
+def mvtec_sample(source: str, rel: str, url: str, version: str = "") -> Sample:
+    """The sample of ``test/<rel>`` of an MVTec root, with the mask that belongs to it."""
+    defect = rel.split("/", 1)[0] if "/" in rel else "good"
+    mask = None
+    if defect != "good":
+        stem = posixpath.splitext(posixpath.basename(rel))[0]
+        sub = posixpath.dirname(rel.split("/", 1)[1]) if rel.count("/") > 1 else ""
+        mask = storage.join(source, "ground_truth", defect, sub, f"{stem}_mask.png") if sub else \
+            storage.join(source, "ground_truth", defect, f"{stem}_mask.png")
+    return Sample(url, "test/" + rel, defect, mask, version)
 
 
 def defect_free(source: str) -> list[str]:

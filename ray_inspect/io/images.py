@@ -18,6 +18,7 @@ from ray_inspect.io import storage
 from ray_inspect.records import FailureKind, InputError
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+IMAGE_FORMATS = ("PNG", "TIFF", "JPEG", "BMP")     # what those names are, for messages
 # The decoder front door: the format comes from the first bytes, not the name, and only these are
 # decoded; the pixel count comes from the header and is checked before any pixel is decoded.
 _MAGIC = (("PNG", (b"\x89PNG\r\n\x1a\n",)), ("JPEG", (b"\xff\xd8\xff",)),

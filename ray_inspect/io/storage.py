@@ -15,10 +15,12 @@ import logging
 import os
 import posixpath
 import random
+import re
 import shutil
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -75,6 +77,22 @@ class _Retries(threading.local):
 _thread_retries = _Retries()
 _retries_lock = threading.Lock()
 _process_retries = [0]
+
+
+_process_requests: dict[str, int] = {}
+
+
+def count_request(action: str) -> None:
+    """One more request to storage, by action ("list" pages, "read", "write", "check", "remove")."""
+    with _retries_lock:
+        _process_requests[action] = _process_requests.get(action, 0) + 1
+
+
+def requests() -> dict[str, int]:
+    """Requests this process made to storage so far, by action (retries not counted again). Listing
+    pages count on object stores only (a local listing reads directories)."""
+    with _retries_lock:
+        return dict(_process_requests)
 
 
 def retries() -> int:
@@ -206,6 +224,8 @@ def _storage_call(action: str):
 
         @functools.wraps(fn)
         def wrapper(url: str, *args, **kwargs):
+            if action != "list":          # a listing counts its pages
+                count_request(action)
             try:
                 return retried(url, *args, **kwargs)
             except _FAILURES as exc:
@@ -294,20 +314,85 @@ def find(url: str) -> list[str]:
     return sorted(proto + f if proto and not f.startswith(proto) else f for f in files)
 
 
-@_storage_call("list")
-def find_versions(url: str) -> dict[str, str]:
-    """All files below a prefix with a version tag (size and ETag or mtime): a changed input
-    gets a new tag, so a rerun does not keep results of the old one."""
-    fs, path = get_fs(url)
-    if not fs.exists(path):
+LIST_PAGE = 1000          # objects per listing page (S3's largest)
+
+
+def iter_versions(url: str, start_after: str | None = None) -> Iterator[tuple[str, str]]:
+    """Every file below a prefix with its version tag (size and ETag or mtime: a changed input
+    gets a new tag, so a rerun does not keep results of the old one), in key order (by code
+    point, as S3 lists), a page at a time: memory does not grow with the prefix. Each page is one
+    request, retried by the policy. ``start_after``: a key relative to ``url``; listing resumes
+    after it."""
+    if not is_local(url):
+        yield from _iter_s3(url, start_after)
+        return
+    root = os.path.abspath(local_path(url))
+    if not os.path.isdir(root):
         raise StorageError(f"{url}: no such directory or prefix")
-    proto = url.split("://", 1)[0] + "://" if "://" in url else ""    # file://, s3://, ... or none
-    out = {}
-    for f, info in fs.find(path, detail=True).items():
-        tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-        name = proto + f if proto and not f.startswith(proto) else f
-        out[name] = f"{info.get('size')}-{str(tag).strip(chr(34))}"
-    return dict(sorted(out.items()))
+    prefix = "file://" if url.startswith("file://") else ""
+    for rel, st in _walk_sorted(root, ""):
+        if start_after is None or rel > start_after:
+            yield prefix + os.path.join(root, rel), f"{st.st_size}-{st.st_mtime}"
+
+
+def _walk_sorted(root: str, rel: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Files below ``root/rel`` as (relative path, stat) in the order of their whole relative paths:
+    a folder's entries sort by name + "/" (``a.png`` before ``a/x.png``, as an S3 listing has them)."""
+    try:
+        with os.scandir(os.path.join(root, rel)) as it:
+            entries = [(e.name + "/" if e.is_dir(follow_symlinks=True) else e.name, e) for e in it]
+    except OSError as exc:
+        raise _error(os.path.join(root, rel), exc, "list") from None
+    for name, entry in sorted(entries, key=lambda t: t[0]):
+        path = rel + name
+        if name.endswith("/"):
+            yield from _walk_sorted(root, path)
+        else:
+            try:
+                yield path, entry.stat(follow_symlinks=True)
+            except OSError:                   # vanished or a dangling link: not a file to scan
+                continue
+
+
+def _iter_s3(url: str, start_after: str | None) -> Iterator[tuple[str, str]]:
+    fs, path = get_fs(url)
+    bucket, _, key = path.partition("/")
+    prefix = key.rstrip("/") + "/" if key else ""
+    scheme = url.split("://", 1)[0]
+    args = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": LIST_PAGE}
+    if start_after is not None:
+        args["StartAfter"] = prefix + start_after
+    listed = False
+    while True:
+        page = _list_page(url, fs, args)
+        for obj in page.get("Contents", []):
+            listed = True
+            if not obj["Key"].endswith("/"):
+                tag = str(obj.get("ETag", "")).strip('"')
+                yield f"{scheme}://{bucket}/{obj['Key']}", f"{obj.get('Size')}-{tag}"
+        if not page.get("IsTruncated"):
+            break
+        args = {**args, "ContinuationToken": page["NextContinuationToken"]}
+        args.pop("StartAfter", None)
+    if not listed and start_after is None and not fs.exists(path):
+        raise StorageError(f"{url}: no such directory or prefix")
+
+
+@_storage_call("list")
+def _list_page(url: str, fs, args: dict) -> dict:
+    count_request("list")
+    return fs.call_s3("list_objects_v2", **args)
+
+
+@_storage_call("check")
+def version(url: str) -> str:
+    """One file's version tag, as a listing gives it (size and ETag or mtime)."""
+    fs, path = get_fs(url)
+    info = fs.info(path)
+    if info.get("type") == "directory":
+        raise IsADirectoryError(url)
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}-{str(tag).strip(chr(34))}"
 
 
 def relative(url: str, root: str) -> str:
@@ -362,6 +447,19 @@ def cap_name(name: str) -> str:
     return _capped(name, SEGMENT_BYTES)
 
 
+_UNSAFE = re.compile(r"[%\\\x00-\x1f\x7f\ud800-\udfff]|//|^/|/$|(^|/)\.\.?(/|$)")
+
+
+def _plain(key: str) -> bool:
+    """A key that ``safe_path`` keeps as it is (most keys): nothing to escape, no empty, ``.`` or
+    ``..`` segment, short segments (checked by characters first, bytes only when it might matter)."""
+    if not key or _UNSAFE.search(key):
+        return False
+    if len(key) * 4 <= SEGMENT_BYTES:
+        return True
+    return len(key.encode()) <= PATH_BYTES and all(len(p.encode()) <= SEGMENT_BYTES for p in key.split("/"))
+
+
 def safe_path(key: str) -> str:
     """The relative output path of an input key: segments joined by ``/``, none empty, ``.`` or
     ``..``, so that joined onto OUT it stays below OUT.
@@ -371,6 +469,10 @@ def safe_path(key: str) -> str:
     percent-encoded; segments and the whole path are capped in length. The mapping is one-to-one
     up to the capping's hash.
     """
+    return key if _plain(key) else _escaped_path(key)
+
+
+def _escaped_path(key: str) -> str:
     segments, pending = [], ""
     for seg in "".join(_escape(c) for c in key).split("/"):
         if not seg:

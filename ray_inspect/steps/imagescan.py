@@ -12,6 +12,7 @@ scan actors call ``scan_image``, and so can a test or a notebook.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import io
@@ -21,9 +22,10 @@ import resource
 import socket
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import tifffile
@@ -40,6 +42,7 @@ from ray_inspect.io.images import check_bytes, fetch, peek_shape
 from ray_inspect.records import ImageRecord, Outcome
 from ray_inspect.steps.inspector import BandResult, Inspector, LoadedImage
 
+T = TypeVar("T")
 SPOOL_BYTES = 64 << 20   # residual maps larger than this go through a local temporary file
 
 
@@ -74,6 +77,76 @@ def output_stems(keys: list[str]) -> dict[str, str]:
             return {k: storage.safe_path(s) for k, s in final.items()}
         for k in clashing:          # a stem gives way to its whole key; that only ever happens once
             final[k] = k
+
+
+STEM_WINDOW = 256        # keys before and after each key that ``streamed_stems`` compares it with
+
+
+def streamed_stems(items: Iterable[T], key: Callable[[T], str], window: int = STEM_WINDOW,
+                   on_unsorted: Callable[[int], None] | None = None) -> Iterator[tuple[T, str]]:
+    """``output_stems`` of a listing that arrives as a stream, holding ``window`` keys on either
+    side of each. Only keys that share a key's root can clash with it; in a listing in key order
+    they sit next to it, and ``output_stems`` of those neighbours decides. Keys that come out of
+    order (a file of keys) cannot be compared with all that may clash with them: from the first one
+    on (``on_unsorted(its position)``), every key's stem is its whole key."""
+    seen = deque()                     # keys in arrival order: the window behind, the key, and ahead
+    ordered: list[str] = []            # the same keys, sorted
+    pending: deque = deque()           # items not yet yielded, with their keys
+    dropped = exhausted = False
+    unsorted_from, last, position = None, None, 0
+    source = iter(items)
+    while True:
+        while not exhausted and len(pending) <= window:
+            item = next(source, _END)
+            if item is _END:
+                exhausted = True
+                break
+            k = key(item)
+            if unsorted_from is None and last is not None and k < last:
+                unsorted_from = position + len(pending)
+                if on_unsorted is not None:
+                    on_unsorted(unsorted_from)
+            last = k
+            pending.append((item, k))
+            seen.append(k)
+            bisect.insort(ordered, k)
+        if not pending:
+            return
+        item, k = pending.popleft()
+        if unsorted_from is not None and position >= unsorted_from - window:
+            yield item, storage.safe_path(k)
+        else:
+            yield item, _stem_among(k, ordered, window, open_below=dropped, open_above=not exhausted)
+        position += 1
+        while len(seen) - len(pending) > window:         # forget keys beyond the window behind
+            old = seen.popleft()
+            del ordered[bisect.bisect_left(ordered, old)]
+            dropped = True
+
+
+_END = object()
+
+
+def _stem_among(k: str, ordered: list[str], window: int, open_below: bool, open_above: bool) -> str:
+    """``k``'s stem, from the keys of the window that can clash with it: those that start with
+    its stem and a dot (the same stem with another extension, or a folder named like one of its
+    outputs), and, where its stem is itself a key (``a.png`` beside ``a.png.tiff``), that key's.
+    Every key of a group larger than ``window`` gives way (each of them sees that it is, or that
+    the group runs past the window), so that all of them decide alike."""
+    root = posixpath.splitext(k)[0]
+    while _holds(ordered, root) and posixpath.splitext(root)[0] != root:
+        root = posixpath.splitext(root)[0]
+    lo, hi = bisect.bisect_left(ordered, root + "."), bisect.bisect_left(ordered, root + ".\U0010ffff")
+    if (lo == 0 and open_below) or (hi == len(ordered) and open_above) or hi - lo > window:
+        return storage.safe_path(k)
+    if hi - lo <= 1:
+        return storage.safe_path(posixpath.splitext(k)[0])
+    return output_stems(ordered[lo:hi])[k]
+
+
+def _holds(ordered: list[str], key: str) -> bool:
+    i = bisect.bisect_left(ordered, key)
+    return i < len(ordered) and ordered[i] == key
 
 
 def output_urls(out: str, stem: str) -> dict[str, str]:

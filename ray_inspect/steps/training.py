@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ray_inspect.config import ModelConfig, TrainConfig
+from ray_inspect.core.defects import paste_defects
 from ray_inspect.core.inference import precision_context, resolve_precision
 from ray_inspect.core.losses import LossFn, make_loss
 from ray_inspect.core.model import build_model
@@ -41,14 +42,17 @@ class PatchBatches:
     Patches are shuffled inside a window of ``window`` chunks, so memory stays at a few chunks.
     Every rank yields the same number of batches (``steps``), as DDP's collectives require: full
     batches and a smaller last one; a shard one patch short of the others splits its last full
-    batch in two. ``augment`` ("flips", "dihedral") transforms each patch at random.
+    batch in two. ``augment`` ("flips", "dihedral") transforms each patch at random. Each batch is
+    a pair (network input, target): the same tensor, or with ``defects`` > 0 an input in which that
+    share of the patches carries a synthetic defect (core.defects) and the clean patches as target.
     """
 
     def __init__(self, array, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,  # noqa: PLR0913 - the array, its shard and how it is read
-                 window: int = 4, augment: str = "none"):
+                 window: int = 4, augment: str = "none", defects: float = 0.0):
         check_layout(array.shape[0], world, batch_size)
         self.array, self.batch_size, self.seed = array, batch_size, seed
         self.rank, self.world, self.window, self.augment = rank, world, window, augment
+        self.defects = defects
         self.n = array.shape[0]
         self.chunk = array.chunks[0]
         self.n_chunks = -(-self.n // self.chunk)
@@ -89,8 +93,9 @@ class PatchBatches:
             pos += size
         return out
 
-    def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rng = np.random.default_rng((self.seed, epoch, self.rank))
+        defect_rng = np.random.default_rng((self.seed, epoch, self.rank, 1))   # order stays as without
         pieces = self.pieces(epoch)
         sizes = iter(self.batch_sizes())
         want = next(sizes, None)
@@ -102,9 +107,15 @@ class PatchBatches:
             s = 0
             while want is not None and len(pool) - s >= want:
                 batch = augment(pool[s : s + want], self.augment, rng)
-                yield torch.from_numpy(batch.astype(np.float32) / 255.0)
+                target = _tensor(batch)
+                marked = _tensor(paste_defects(batch, self.defects, defect_rng)) if self.defects else target
+                yield marked, target
                 s, want = s + want, next(sizes, None)
             carry = pool[s:]
+
+
+def _tensor(batch: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(batch.astype(np.float32) / 255.0)
 
 
 def augment(batch: np.ndarray, how: str, rng: np.random.Generator) -> np.ndarray:
@@ -131,18 +142,18 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> fl
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, loss_fn: LossFn,  # noqa: PLR0913 - the step's parts and where it reports
                 precision: str = "bfloat16", device: torch.device | str = "cpu",
                 on_batch: Callable[[int, float], None] | None = None) -> dict:
-    """One pass over ``batches``; returns mean loss, patch count and patches/s. ``on_batch(patches,
-    mean loss)`` follows every batch."""
+    """One pass over ``batches`` of (input, target) pairs; returns mean loss, patch count and
+    patches/s. ``on_batch(patches, mean loss)`` follows every batch."""
     model.train()
     total, count, t0 = 0.0, 0, time.perf_counter()
     device = torch.device(device)
     precision = resolve_precision(precision, device)   # emulated bfloat16 trains slower than float32
-    for x in batches:
-        x = x.to(device, non_blocking=True)
+    for x, target in batches:
+        x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if precision == "bfloat16":
             x = x.contiguous(memory_format=torch.channels_last)
         with precision_context(precision, device):
-            loss = loss_fn(model, x)
+            loss = loss_fn(model, x, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -56,14 +56,17 @@ class ProgressLine:
         return self.fresh / elapsed if elapsed > 0 else 0.0
 
     def line(self, done: int, total: int, figures: dict[str, Any]) -> str:
+        """``total`` None: not known yet (the work is still being listed)."""
         rate = self.rate()
+        extra = "".join(f"  {k} {v}" for k, v in figures.items())
+        if total is None:
+            return f"{self.label} {done} {self.unit} (listing)  {rate:.1f} {self.unit}/s{extra}"
         eta = (total - done) / rate if rate > 0 else None
         pct = 100.0 * done / total if total else 100.0
-        extra = "".join(f"  {k} {v}" for k, v in figures.items())
         return (f"{self.label} {done}/{total} {self.unit} ({pct:.0f}%)  {rate:.1f} {self.unit}/s{extra}  "
                 f"ETA {eta_text(eta)}")
 
-    def update(self, done: int, total: int, fresh: int | None = None, elapsed: float | None = None,  # noqa: PLR0913 - counts, then the step's own figures
+    def update(self, done: int, total: int | None, fresh: int | None = None, elapsed: float | None = None,  # noqa: PLR0913 - counts, then the step's own figures
                **figures: Any) -> None:
         self.fresh = done if fresh is None else fresh
         self.seconds = elapsed
@@ -76,7 +79,7 @@ class ProgressLine:
         self.last_out = now
         self._emit(done, total, figures)
 
-    def _emit(self, done: int, total: int, figures: dict[str, Any]) -> None:
+    def _emit(self, done: int, total: int | None, figures: dict[str, Any]) -> None:
         text = self.line(done, total, figures)
         if self.tty:
             self.stream.write("\r" + text.ljust(self.width))

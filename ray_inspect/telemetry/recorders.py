@@ -37,7 +37,11 @@ class ScanRecorder(Protocol):
 
     def start(self, info: dict) -> None:
         """Run begins. ``info``: run_id, version, model_fingerprint, stride, precision, workers,
-        images_total, to_scan, skipped, threshold."""
+        threshold (the listing goes on meanwhile: ``listed`` follows it)."""
+
+    def listed(self, images: int, skipped: int, complete: bool) -> None:
+        """The listing so far: ``images`` listed, ``skipped`` of them already done; ``complete`` once
+        it has ended."""
 
     def actors(self, n: int) -> None:
         """``n`` scan actors are alive."""
@@ -167,23 +171,31 @@ class ScanTelemetry(_Run):
         return NULL_SCAN
 
     def start(self, info: dict) -> None:
-        """Run begins. ``info``: run_id, version, model_fingerprint, stride, precision, workers,
-        images_total, to_scan, skipped, threshold."""
-        counts = {k: int(info.get(k) or 0) for k in ("images_total", "to_scan", "skipped")}
+        """Run begins (its listing goes on meanwhile: ``listed`` follows it). ``info``: run_id,
+        version, model_fingerprint, stride, precision, workers, threshold."""
         labels = {k: info.get(k) for k in ("version", "model_fingerprint", "stride", "precision", "workers",
                                            "threshold")}
         labels["version"] = labels["version"] or version()
         with self._lock:
-            self._counts = {"scanned": 0, "failed": 0, "skipped": counts["skipped"], "tiles": 0}
+            self._counts = {"scanned": 0, "failed": 0, "skipped": 0, "tiles": 0}
         self._begin(info.get("run_id"), labels)
-        p = self.m.progress
-        p.labels(state="listed").set(counts["images_total"])
-        p.labels(state="to_scan").set(counts["to_scan"])
-        p.labels(state="skipped").set(counts["skipped"])
-        p.labels(state="done").set(0)
+        for state in ("listed", "to_scan", "skipped", "done"):
+            self.m.progress.labels(state=state).set(0)
         self.m.in_flight.set(0)
-        log.info("scan started: %d images, %d to scan, %d already done", counts["images_total"],
-                 counts["to_scan"], counts["skipped"], extra=extra_fields({"event": "scan_start", **labels}))
+        log.info("scan started with %s worker(s); listing the source", labels["workers"],
+                 extra=extra_fields({"event": "scan_start", **labels}))
+
+    def listed(self, images: int, skipped: int, complete: bool) -> None:
+        p = self.m.progress
+        p.labels(state="listed").set(images)
+        p.labels(state="to_scan").set(images - skipped)
+        p.labels(state="skipped").set(skipped)
+        with self._lock:
+            self._counts["skipped"] = skipped
+        if complete:
+            fields = extra_fields({"event": "scan_listed", "images": images, "skipped": skipped})
+            log.info("listing finished: %d images, %d to scan, %d already done", images, images - skipped,
+                     skipped, extra=fields)
 
     def actors(self, n: int) -> None:
         self.m.actors.set(n)
@@ -322,6 +334,7 @@ class _NullScan:
     run_id = None
 
     def start(self, info: dict) -> None: ...
+    def listed(self, images: int, skipped: int, complete: bool) -> None: ...
     def actors(self, n: int) -> None: ...
     def in_flight(self, n: int) -> None: ...
     def image(self, record: ImageRecord) -> None: ...

@@ -8,8 +8,7 @@ from ray_inspect import telemetry as t
 from ray_inspect.records import ImageRecord, Outcome
 
 INFO = {"run_id": "run-1", "version": "9.9.9", "model_fingerprint": "f00d", "stride": 30,
-        "precision": "bfloat16", "workers": 2, "images_total": 10, "to_scan": 7, "skipped": 3,
-        "threshold": 0.25}
+        "precision": "bfloat16", "workers": 2, "threshold": 0.25}
 STAGE_SECONDS = {"read": 0.002, "inference": 0.3, "residual": 0.02, "segment": 0.01, "write": 0.004}
 
 

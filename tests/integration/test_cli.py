@@ -119,37 +119,42 @@ RAY_INTERNALS = ("(ScanActor", "(RayTrainWorker", "(TrainController", "Placement
 @pytest.mark.slow
 def test_real_process_exit_3_with_bad_input_a_crashing_decoder_and_a_quiet_terminal(calibrated, dataset,
                                                                                     tmp_path):
-    """Exit 3 from the real command: one unreadable image, and one whose decoder kills the actor's
-    process each time (tests/helpers/crashing_decoder, in Ray's workers only): recorded as
-    ``worker_died`` after ``max_attempts``, while the images queued beside it are scanned."""
+    """Exit 3 from the real command: one unreadable image, one whose decoder kills the actor's
+    process each time and one whose decoder never returns (tests/helpers/crashing_decoder, in Ray's
+    workers only): recorded as ``worker_died`` and ``timeout`` (--image-timeout 3) after
+    --max-attempts 2, while the images queued beside them are scanned."""
     import os
     import subprocess
     import sys
 
     from PIL import Image, PngImagePlugin
 
-    from helpers.crashing_decoder.sitecustomize import MARKER
+    from helpers.crashing_decoder.sitecustomize import HANG_MARKER, MARKER
 
     src = tmp_path / "src"
     shutil.copytree(f"{dataset}/test/good", src)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("comment", MARKER.decode())
-    Image.open(sorted(src.glob("*.png"))[0]).save(src / "crash.png", pnginfo=info)
+    for name, marker in (("crash.png", MARKER), ("hang.png", HANG_MARKER)):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("comment", marker.decode())
+        Image.open(sorted(src.glob("*.png"))[0]).save(src / name, pnginfo=info)
     (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
     helper = os.path.join(os.path.dirname(__file__), "..", "helpers", "crashing_decoder")
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": os.pathsep.join([helper, *sys.path])}
     r = subprocess.run([sys.executable, "-m", "ray_inspect.cli", "scan", calibrated[0], str(src),
-                        str(tmp_path / "out"), "--workers", "1"], capture_output=True, text=True, timeout=300,
-                       env=env)
+                        str(tmp_path / "out"), "--workers", "1", "--image-timeout", "3",
+                        "--max-attempts", "2"],
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 3, r.stderr[-3000:]
     assert not [line for line in r.stderr.splitlines() if any(s in line for s in RAY_INTERNALS)], r.stderr
     skipped = [line for line in r.stderr.splitlines() if "bad.png" in line]
     assert len(skipped) == 1 and skipped[0].startswith("skipped ") and "Traceback" not in r.stderr
     assert "scan " in r.stderr and "images" in r.stderr                    # the progress line
-    assert r.stdout.startswith("images") and "2 failed" in r.stdout        # the final table
+    assert r.stdout.startswith("images") and "3 failed" in r.stdout        # the final table
     errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     kinds = sorted((e["key"], e["kind"]) for e in errors)
-    assert kinds == [("bad.png", "corrupt"), ("crash.png", "worker_died")]
-    assert "died 3 times" in next(e["reason"] for e in errors if e["kind"] == "worker_died")
+    assert kinds == [("bad.png", "corrupt"), ("crash.png", "worker_died"), ("hang.png", "timeout")]
+    assert "died 2 times" in next(e["reason"] for e in errors if e["kind"] == "worker_died")
+    assert "not scanned within 3 s" in next(e["reason"] for e in errors if e["kind"] == "timeout")
     summary = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert summary["scanned"] == len(list(src.glob("*.png"))) - 2 and summary["retried"] >= 2
+    assert summary["scanned"] == len(list(src.glob("*.png"))) - 3 and summary["retried"] >= 3
+    assert summary["failed_by_kind"] == {"corrupt": 1, "timeout": 1, "worker_died": 1}

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from ray_inspect.cli import main
 from ray_inspect.config import InspectConfig, MetricsConfig, ScanOptions, SynthConfig
 from ray_inspect.core.evaluation import Evaluation
 from ray_inspect.distributed.scan import (
@@ -22,6 +24,7 @@ from ray_inspect.distributed.scan import (
     _Pool,
     _pool_shape,
     _Shape,
+    manifest_entries,
     scan,
     scan_fingerprint,
 )
@@ -41,6 +44,7 @@ class Recorder:
         self.images, self.failures, self.finished, self.retries = [], [], None, 0
 
     def start(self, info): self.info = info
+    def listed(self, images, skipped, complete): self.listing = (images, skipped, complete)
     def actors(self, n): pass
     def in_flight(self, n): pass
     def image(self, record): self.images.append(record.key)
@@ -141,8 +145,8 @@ def test_s3_to_s3_with_two_actors_equals_a_single_process_scan(ray_session, s3, 
             assert got[k] == ref[k], (stem, k)
     assert storage.exists(storage.join(out, "_SUCCESS"))
     assert storage.exists(storage.join(out, "stats", "shard-00000.npz"))
-    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
-    assert {e["status"] for e in manifest["entries"]} == {"ok"} and len(manifest["entries"]) == 12
+    entries = list(manifest_entries(out))
+    assert {e["status"] for e in entries} == {"ok"} and len(entries) == 12
 
 
 @pytest.mark.slow
@@ -226,6 +230,8 @@ def test_an_s3_outage_mid_scan_is_ridden_out_and_its_retries_counted(ray_session
 @pytest.mark.slow
 def test_killed_driver_rerun_recomputes_only_what_was_missing(ray_session, calibrated, archive, clean,
                                                               tmp_path):
+    """A second scan on the OUT of a running one exits 2 naming it; the first is SIGKILLed (its
+    lease stays), and the same command takes the lease over and redoes only what was missing."""
     out = tmp_path / "out"
     cmd = [str(Path(sys.executable).parent / "ray-inspect"), "scan", calibrated[0], archive, str(out),
            "--workers", "1"]
@@ -235,10 +241,13 @@ def test_killed_driver_rerun_recomputes_only_what_was_missing(ray_session, calib
     deadline = time.time() + 300
     while time.time() < deadline and len(list((out / "records").glob("**/*.json"))) < 10:
         time.sleep(0.02)
+    second = CliRunner().invoke(main, cmd[1:])                  # the same command, while the first runs
+    assert second.exit_code == 2 and len(second.stderr.strip().splitlines()) == 1, second.output
+    assert f"in use by another scan, process {proc.pid} on " in second.stderr
     os.killpg(proc.pid, signal.SIGKILL)          # the driver and the local Ray it started
     proc.wait()
     assert not (out / "_SUCCESS").exists()
-    done = {p: p.stat().st_mtime_ns for p in (out / "records").glob("**/*.json")}
+    done = _settled(out / "records")             # an actor may finish its image as its raylet goes
     assert 10 <= len(done) < 40
     summary = scan(calibrated[0], archive, str(out), CFG, options=ScanOptions(workers=1))   # the same command
     assert summary["skipped"] == len(done) and summary["scanned"] == 40 - len(done)
@@ -247,6 +256,46 @@ def test_killed_driver_rerun_recomputes_only_what_was_missing(ray_session, calib
     assert metrics == json.loads(Path(clean[1], "metrics.json").read_text())
     _outputs_equal(str(out), clean[1], _stems(archive))
     assert (out / "_SUCCESS").exists()
+
+
+def test_keys_of_an_inventory_csv_are_scanned_exactly_and_missing_ones_recorded(ray_session, calibrated,
+                                                                                 dataset, tmp_path):
+    """--keys with 100,000 rows in the S3 Inventory CSV layout: the 4 that exist are scanned (and no
+    other image of the source), the others are errors of kind ``missing``."""
+    import csv
+
+    src = tmp_path / "src"
+    shutil.copytree(Path(dataset, "test", "good"), src)
+    present = sorted(p.name for p in src.glob("*.png"))
+    wanted = present[:4]
+    keys = sorted([f"gone/{i:06d}.png" for i in range(100_000 - 4)] + wanted)    # as an inventory lists them
+    rows = [["bucket", k, "1", "2026-12-01T00:00:00.000Z"] for k in keys]
+    inventory = tmp_path / "inventory.csv"
+    with open(inventory, "w", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows(rows)
+    out = tmp_path / "out"
+    rec = Recorder()
+    summary = scan(calibrated[0], str(src), str(out), CFG, telemetry=rec,
+                   options=ScanOptions(workers=1, keys=str(inventory)))
+    assert (summary["images"], summary["scanned"], summary["failed"]) == (100_000, 4, 99_996)
+    assert summary["failed_by_kind"] == {"missing": 99_996} and sorted(rec.images) == wanted
+    assert sorted(p.name for p in (out / "records").glob("*.json")) == [n[:-4] + ".json" for n in wanted]
+    errors = (out / "errors.jsonl").read_text().splitlines()
+    assert len(errors) == 99_996 and json.loads(errors[0])["key"] == "gone/000000.png"
+    assert {json.loads(e)["kind"] for e in errors} == {"missing"}
+    entries = list(manifest_entries(str(out)))
+    assert [e["key"] for e in entries] == [r[1] for r in rows]       # the file's order, every row once
+
+
+def _settled(folder: Path) -> dict[Path, int]:
+    """The records in ``folder`` (with their mtimes) once none has been added for 3 s."""
+    seen, since = {}, time.time()
+    while time.time() - since < 3:
+        now = {p: p.stat().st_mtime_ns for p in folder.glob("**/*.json")}
+        if now != seen:
+            seen, since = now, time.time()
+        time.sleep(0.2)
+    return seen
 
 
 def test_rerun_skips_force_redoes_and_changed_settings_or_inputs_rescan(ray_session, calibrated, dataset,
@@ -303,11 +352,12 @@ def test_pool_fill_spreads_a_short_queue_over_all_actors():
     from types import SimpleNamespace
 
     def actor(name):
-        return SimpleNamespace(scan=SimpleNamespace(remote=lambda sample, stem: (name, stem)))
+        return SimpleNamespace(scan=SimpleNamespace(remote=lambda sample, stem, timeout: (name, stem)))
 
     pool = object.__new__(_Pool)
+    pool.timeout = None
     pool.actors, pool.depth = [actor(i) for i in range(4)], 3
-    pool.generation, pool.busy, pool.inflight = [0] * 4, [0] * 4, {}
+    pool.generation, pool.busy, pool.inflight, pool.started = [0] * 4, [0] * 4, {}, [True] * 4
     queue = deque(SimpleNamespace(sample=None, stem=str(i), attempts=0) for i in range(6))
     pool.fill(queue)
     assert pool.busy == [2, 2, 1, 1] and not queue
@@ -321,11 +371,12 @@ def test_pool_runs_an_image_that_was_lost_alone_on_an_idle_actor():
     from types import SimpleNamespace
 
     def actor(name):
-        return SimpleNamespace(scan=SimpleNamespace(remote=lambda sample, stem: (name, stem)))
+        return SimpleNamespace(scan=SimpleNamespace(remote=lambda sample, stem, timeout: (name, stem)))
 
     pool = object.__new__(_Pool)
+    pool.timeout = None
     pool.actors, pool.depth = [actor(0), actor(1)], 3
-    pool.generation, pool.busy, pool.inflight = [0, 0], [1, 0], {}
+    pool.generation, pool.busy, pool.inflight, pool.started = [0, 0], [1, 0], {}, [True, True]
     lost, lost2 = (SimpleNamespace(sample=None, stem=s, attempts=1) for s in ("lost", "lost2"))
     queue = deque([lost, *(SimpleNamespace(sample=None, stem=s, attempts=0) for s in "abc"), lost2])
     pool.fill(queue)
@@ -354,6 +405,7 @@ def test_actors_that_cannot_start_in_time_are_given_up_or_the_scan_gives_up(ray_
     pool = _Pool(ray.remote(_Tiny).options(num_cpus=0), (), 1, 3)
     pool.actors.append(ray.remote(_Tiny).options(num_cpus=0, resources={"no-such-node": 1}).remote())
     pool.generation, pool.busy = [0, 0], [0, 0]
+    pool.started.append(pool.actors[1].pid.remote())
     said = []
     _await_actors(pool, shape, 3, said.append)
     assert len(pool.actors) == 1 and ray.get(pool.actors[0].pid.remote()) > 0
@@ -363,3 +415,4 @@ def test_actors_that_cannot_start_in_time_are_given_up_or_the_scan_gives_up(ray_
         _await_actors(stuck, shape, 2, said.append)
     assert str(exc.value) == ("asked for 2 scan actor(s) of {CPU: 1}; after 2 s none could start: the "
                               "cluster offers {CPU: 2} (--wait-for-resources)")
+

@@ -16,6 +16,7 @@ import tifffile
 from PIL import Image
 
 from helpers.bombs import png_bytes
+from ray_inspect.distributed.scan import manifest_entries
 
 pytestmark = pytest.mark.slow
 MUTATIONS = 320
@@ -78,8 +79,7 @@ def test_a_fuzzed_archive_is_scanned_to_the_end_with_every_file_accounted_once(c
     summary = json.loads(r.stdout)
     errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     failed = [e["key"] for e in errors]
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    scanned = [e["key"] for e in manifest["entries"] if e["status"] == "ok"]
+    scanned = [e["key"] for e in manifest_entries(str(tmp_path / "out")) if e["status"] == "ok"]
     assert sorted(scanned + failed) == files                           # each file once, none twice
     assert set(base) <= set(scanned)                                   # the originals all scan
     assert summary["scanned"] == len(scanned) and summary["failed"] == len(failed)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from helpers.motoserver import KEY, SECRET, moto_server
 from helpers.s3server import _client
+from ray_inspect.distributed.scan import manifest_entries
 from ray_inspect.io import storage
 from ray_inspect.steps.imagescan import output_stems, output_urls
 
@@ -80,9 +81,9 @@ def _scan(model: str, source: str, out: str, endpoint: str) -> subprocess.Comple
 
 def _accounted(out: str, keys: set[str]) -> set[str]:
     """Each key once: scanned to a record of its own below OUT, or in errors.jsonl; the scanned keys."""
-    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
-    entries = {e["key"]: e for e in manifest["entries"]}
-    assert set(entries) == keys and len(manifest["entries"]) == len(keys)
+    listed = list(manifest_entries(out))
+    entries = {e["key"]: e for e in listed}
+    assert set(entries) == keys and len(listed) == len(keys)
     log = storage.join(out, "errors.jsonl")
     errors = [json.loads(line) for line in storage.read_text(log).splitlines()] if storage.exists(log) else []
     failed = {e["key"] for e in errors}

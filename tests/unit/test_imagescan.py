@@ -11,7 +11,7 @@ from ray_inspect.core.evaluation import Evaluation
 from ray_inspect.core.model import build_model
 from ray_inspect.io.artifact import ModelCard
 from ray_inspect.io.datasets import Sample
-from ray_inspect.steps.imagescan import ScanTarget, output_stems, output_urls, scan_image
+from ray_inspect.steps.imagescan import ScanTarget, output_stems, output_urls, scan_image, streamed_stems
 from ray_inspect.steps.inspector import Inspector
 
 
@@ -32,6 +32,34 @@ def test_output_stems_are_distinct_for_any_set_of_keys():
         stems = output_stems(keys)
         assert len(set(stems.values())) == len(keys), keys
         assert all(s in (k, k.rsplit(".", 1)[0]) for k, s in stems.items())
+
+
+def test_streamed_stems_equal_the_whole_listing_s_and_stay_distinct_in_any_window():
+    """A listing that arrives as a stream gets the stems ``output_stems`` gives the whole listing
+    (keys that can clash sit next to each other in key order); with a window too small for a group,
+    its keys give way to their whole keys, still distinct."""
+    rng = np.random.default_rng(1)
+    parts = ["a", "b", "a.png", "a/x", "a.b", "1", "10", ".h", "a.png.png", "img.001"]
+    ends = [".png", ".tiff", ".png.tiff", "/z.png", ".jpg", "0.png"]
+    for _ in range(1500):
+        keys = sorted({rng.choice(parts) + rng.choice(ends) for _ in range(rng.integers(1, 40))})
+        whole = output_stems(keys)
+        for window in (1, 2, 5, 256):
+            got = dict(streamed_stems(keys, lambda k: k, window=window))
+            assert list(got) == keys and len(set(got.values())) == len(keys), (window, keys)
+            if window == 256:
+                assert got == whole, keys
+    numbered = sorted([f"{i}.png" for i in range(3000)] + [f"img.{i:04d}.png" for i in range(600)])
+    assert all(s == k[:-4] for k, s in streamed_stems(numbered, lambda k: k))   # no neighbour clashes
+
+
+def test_keys_out_of_order_are_named_by_their_whole_key_from_there_on():
+    keys = ["a.png", "b.png", "c.png", "d.png", "a.tiff", "e.png", "f.png"]
+    told = []
+    got = list(streamed_stems(keys, lambda k: k, window=2, on_unsorted=told.append))
+    assert told == [4] and len({s for _, s in got}) == len(keys)
+    assert got[:2] == [("a.png", "a"), ("b.png", "b")]
+    assert all(s == k for k, s in got[2:])          # from the window before the first key out of order
 
 
 def _write_png(path, arr):

@@ -47,7 +47,10 @@ def test_scan_error_line_and_failure_kinds():
 
 class _Recorder:
     def __init__(self):
-        self.images, self.failures = [], []
+        self.images, self.failures, self.listings = [], [], []
+
+    def listed(self, images, skipped, complete):
+        self.listings.append((images, skipped, complete))
 
     def image(self, record):
         self.images.append(record.key)
@@ -70,12 +73,13 @@ def test_driver_accounts_every_image_once_and_writes_errors_and_manifest(tmp_pat
     telemetry, progress, errors = _Recorder(), [], []
     run = driver._Run.create(plan, ScanOptions(max_attempts=2), {
         "telemetry": telemetry, "progress": progress.append, "on_error": errors.append}, 0.0)
-    a, b, c = run.items
+    a, b, c = list(driver._source(run))
+    assert run.tally.listed == 3 and run.tally.listing_done and telemetry.listings == [(3, 0, True)]
     record = ImageRecord(**{**COMMON, **TAIL, "key": "a.png", "stem": "a", "tiles": 5})
     driver._scanned(run, a, driver.ScanResult(Outcome.OK, record))
     queue = deque()
     driver._lost(run, queue, b, RuntimeError())
-    assert list(queue) == [b] and run.retried == 1 and b.index not in run.ledger.status
+    assert list(queue) == [b] and run.retried == 1 and run.tally.counts[Outcome.ERROR] == 0
     driver._lost(run, queue, b, RuntimeError())
     driver._failed(run, c, StorageError("s3://x/c.png: slow down\nmore"))
     summary = driver._finalise(run, driver._pool_shape(ScanOptions(), {"CPU": 2}), 1)
@@ -90,9 +94,11 @@ def test_driver_accounts_every_image_once_and_writes_errors_and_manifest(tmp_pat
     assert telemetry.images == ["a.png"] and telemetry.failures == [e.kind for e in errors]
     assert [(p.done, p.total, p.key, p.outcome, p.failed, p.tiles) for p in progress] == [
         (1, 3, "a.png", "ok", 0, 5), (2, 3, "b.png", "error", 1, 5), (3, 3, "c.png", "error", 2, 5)]
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert [(e["key"], e["status"]) for e in manifest["entries"]] == [("a.png", "ok"), ("b.png", "error"),
-                                                                      ("c.png", "error")]
+    assert [(e["key"], e["status"]) for e in driver.manifest_entries(out)] == [
+        ("a.png", "ok"), ("b.png", "error"), ("c.png", "error")]
+    ledger = driver.Ledger(out, "fp")
+    assert ledger.load() == 1 and ("a.png", a.sample.version) in ledger
+    assert ("b.png", b.sample.version) not in ledger
     assert (summary["scanned"], summary["failed"], summary["retried"], summary["tiles"]) == (1, 2, 2, 5)
     assert summary["exit_code"] == driver.EXIT_PARTIAL and (tmp_path / "out" / "_SUCCESS").exists()
 
@@ -107,7 +113,8 @@ def test_allowing_bad_inputs_forgives_bad_files_only():
     assert driver._exit_code([], False) == driver._exit_code([], True) == driver.EXIT_OK
     assert driver._exit_code(bad_files, False) == driver.EXIT_PARTIAL
     assert driver._exit_code(bad_files, True) == driver.EXIT_OK
-    for kind in ("storage", "worker_died", "internal", "something-new"):
+    for kind in ("storage", "worker_died", "timeout", "internal", "something-new"):
         assert driver._exit_code(bad_files + errors(kind), True) == driver.EXIT_PARTIAL, kind
+    assert driver._exit_code(bad_files + errors("missing"), True) == driver.EXIT_OK   # a key with no object
     not_bad_inputs = [k.value for k in FailureKind if not k.bad_input]
-    assert not_bad_inputs == ["storage", "worker_died", "internal", "other"]
+    assert not_bad_inputs == ["storage", "worker_died", "timeout", "internal", "other"]

@@ -224,3 +224,36 @@ def test_the_policy_waits_long_enough_to_ride_out_a_short_outage():
 
     assert RetryPolicy().budget() == 0.5 + 1 + 2 + 4 + 8 + 10 * 4
     assert RetryPolicy(attempts=1).budget() == 0
+
+
+def test_streamed_listing_is_in_key_order_and_resumes_after_a_key(tmp_path):
+    """iter_versions: whole relative paths in code-point order (``a.png`` before ``a/x.png``, as S3
+    lists them), the versions find() would give, and a listing that resumes after a key."""
+    keys = ["a.png", "a/x.png", "a-b.png", "b/c/d.png", "a.png.tiff", "Z.png", "é.png", "a/x.png.d/y.png"]
+    for k in keys:
+        storage.write_bytes(str(tmp_path / k), k.encode())
+    listed = [(storage.relative(u, str(tmp_path)), v) for u, v in storage.iter_versions(str(tmp_path))]
+    names = [k for k, _ in listed]
+    assert names == sorted(names) and set(names) == set(keys)
+    for name, version in listed:
+        st = os.stat(tmp_path / name)
+        assert version == f"{st.st_size}-{st.st_mtime}" == storage.version(str(tmp_path / name))
+    after = [storage.relative(u, str(tmp_path)) for u, _ in storage.iter_versions(str(tmp_path), "a.png")]
+    assert after == [n for n in names if n > "a.png"]
+    with pytest.raises(storage.StorageError, match="no such directory"):
+        list(storage.iter_versions(str(tmp_path / "nope")))
+
+
+def test_keys_kept_as_they_are_are_exactly_those_escaping_leaves_alone():
+    """safe_path's fast path (most keys need no escaping) gives what the escaping gives, for random
+    keys of the characters and segments that matter."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = ["a", "/", ".", "%", "\\", "\x01", "é", "\udcff", " ", "..", "x" * 60, "ü" * 30]
+    plain = 0
+    for _ in range(50_000):
+        key = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        assert storage.safe_path(key) == storage._escaped_path(key), repr(key)
+        plain += storage._plain(key)
+    assert 1000 < plain < 50_000                  # both paths were taken

@@ -22,10 +22,14 @@ def test_scan_counts_every_event_once():
     tel, reg = scan_telemetry()
     v = reg.get_sample_value
     tel.start(INFO)
+    tel.listed(6, 2, complete=False)
+    assert v("ray_inspect_scan_images", {"state": "listed"}) == 6
+    tel.listed(10, 3, complete=True)
     tel.actors(2)
     tel.in_flight(4)
     assert v("ray_inspect_scan_actors") == 2 and v("ray_inspect_images_in_flight") == 4
     assert v("ray_inspect_scan_images", {"state": "to_scan"}) == 7
+    assert v("ray_inspect_scan_images", {"state": "skipped"}) == 3
     assert v("ray_inspect_scan_images", {"state": "done"}) == 0
     for tiles in (49, 36, 36, 81):
         tel.image(record(tiles))
@@ -122,7 +126,7 @@ def test_failure_reasons_are_the_failure_kinds_in_order():
     reasons = [s.labels["reason"] for s in family.samples if s.name == "ray_inspect_images_failed_total"]
     assert reasons == [k.value for k in FailureKind] == [   # the words dashboards and alerts know
         "empty", "corrupt", "unreadable", "mode", "nan", "range", "size", "mask", "invalid", "read", "decode",
-        "format", "storage", "worker_died", "internal", "other"]
+        "format", "missing", "storage", "worker_died", "timeout", "internal", "other"]
 
 
 def test_train_metrics():
@@ -211,14 +215,17 @@ def lines(buf: io.StringIO) -> list[dict]:
 def test_json_log_records_carry_run_id_and_image_key(json_log):
     tel, _ = scan_telemetry()
     tel.start(INFO)
+    tel.listed(10, 3, complete=True)
     log = logging.getLogger("ray_inspect.distributed.scan")
     log.warning("skipped %s: %s", "a/b.png", "corrupt", extra={"key": "a/b.png", "kind": "corrupt"})
     with t.image_key("c/d.png"):
         log.info("scanned")
     tel.finish({}, ok=True)
     recs = lines(json_log)
-    assert [r["message"] for r in recs[:3]] == ["scan started: 10 images, 7 to scan, 3 already done",
+    assert [r["message"] for r in recs[:4]] == ["scan started with 2 worker(s); listing the source",
+                                                "listing finished: 10 images, 7 to scan, 3 already done",
                                                 "skipped a/b.png: corrupt", "scanned"]
+    del recs[1]
     assert recs[3]["message"].startswith("scan finished after ") and recs[3]["message"].endswith(
         ": 0 scanned, 0 failed, 0 tiles")
     assert all(r["run_id"] == "run-1" for r in recs)

@@ -46,15 +46,15 @@ def test_incomplete_array_is_refused(tmp_path):
 def test_batches_cover_the_shard_once_and_reshuffle(patches):
     arr = open_patches(patches)
     data = PatchBatches(arr, batch_size=50, seed=0, window=2)
-    seen = np.concatenate([b.numpy().reshape(len(b), -1)[:, :64] for b in data.epoch(0)])
+    seen = np.concatenate([b.numpy().reshape(len(b), -1)[:, :64] for _, b in data.epoch(0)])
     assert len(seen) == 300
     ref = arr[:].reshape(300, -1)[:, :64].astype(np.float32) / 255
     assert sorted(map(bytes, seen.astype(np.float32))) == sorted(map(bytes, ref))
-    first0 = next(iter(data.epoch(0)))
-    first1 = next(iter(data.epoch(1)))
+    first0, _ = next(iter(data.epoch(0)))
+    first1, _ = next(iter(data.epoch(1)))
     assert not torch.equal(first0, first1)
     shards = [PatchBatches(arr, 50, seed=0, rank=r, world=2) for r in range(2)]
-    assert sum(sum(len(b) for b in s.epoch(3)) for s in shards) == 300
+    assert sum(sum(len(b) for b, _ in s.epoch(3)) for s in shards) == 300
 
 
 def _indexed(tmp_path, n, chunk):
@@ -73,7 +73,7 @@ def _indexed(tmp_path, n, chunk):
 def test_every_rank_runs_the_same_steps_and_every_patch_is_seen_once(tmp_path, n, chunk, world, batch):
     arr = _indexed(tmp_path, n, chunk)
     for epoch in (0, 1):
-        shards = [list(PatchBatches(arr, batch, seed=0, rank=r, world=world).epoch(epoch))
+        shards = [[b for b, _ in PatchBatches(arr, batch, seed=0, rank=r, world=world).epoch(epoch)]
                   for r in range(world)]
         steps = {len(s) for s in shards}
         assert len(steps) == 1                                            # DDP: equal step counts
