@@ -332,7 +332,7 @@ def iter_versions(url: str, start_after: str | None = None) -> Iterator[tuple[st
     prefix = "file://" if url.startswith("file://") else ""
     for rel, st in _walk_sorted(root, ""):
         if start_after is None or rel > start_after:
-            yield prefix + os.path.join(root, rel), f"{st.st_size}-{st.st_mtime}"
+            yield prefix + os.path.join(root, rel), _version_tag(st.st_size, st.st_mtime)
 
 
 def _walk_sorted(root: str, rel: str) -> Iterator[tuple[str, os.stat_result]]:
@@ -368,8 +368,7 @@ def _iter_s3(url: str, start_after: str | None) -> Iterator[tuple[str, str]]:
         for obj in page.get("Contents", []):
             listed = True
             if not obj["Key"].endswith("/"):
-                tag = str(obj.get("ETag", "")).strip('"')
-                yield f"{scheme}://{bucket}/{obj['Key']}", f"{obj.get('Size')}-{tag}"
+                yield f"{scheme}://{bucket}/{obj['Key']}", _version_tag(obj.get("Size"), obj.get("ETag", ""))
         if not page.get("IsTruncated"):
             break
         args = {**args, "ContinuationToken": page["NextContinuationToken"]}
@@ -392,7 +391,12 @@ def version(url: str) -> str:
     if info.get("type") == "directory":
         raise IsADirectoryError(url)
     tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-    return f"{info.get('size')}-{str(tag).strip(chr(34))}"
+    return _version_tag(info.get("size"), tag)
+
+
+def _version_tag(size, tag) -> str:
+    """An input's version as listings and ``version`` give it: size, then ETag (unquoted) or mtime."""
+    return f"{size}-{str(tag).strip(chr(34))}"
 
 
 def relative(url: str, root: str) -> str:
