@@ -294,7 +294,6 @@ class _ProgressPump:
 def _fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: TrainConfig, run: RunConfig,  # noqa: PLR0913 - the inputs, three configs and the progress channel
          alexnet_weights: str | None, on_epoch: EpochCallback | None, steps: bool = False) -> ModelCard:
     from ray.exceptions import RayActorError
-    from ray.util.queue import Queue
 
     # Ray Train workers run in their own working directory: hand them absolute local paths.
     patches_url = storage.absolute(patches_url)
@@ -305,7 +304,7 @@ def _fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: Tr
     storage_url = run.storage or os.path.join(os.path.expanduser("~"), ".cache", "ray-inspect", "runs")
     name = run.run_name or default_run_name(patches_url, model_url, model_cfg, train_cfg,
                                             attrs.get("fingerprint"))
-    pump = _ProgressPump(Queue(), on_epoch, gone=(RayActorError,)) if on_epoch else None
+    pump = _ProgressPump(_driver_queue(), on_epoch, gone=(RayActorError,)) if on_epoch else None
     config = {"model": asdict(model_cfg), "train": asdict(train_cfg), "patches": patches_url,
               "alexnet_weights": alexnet_weights, "checkpoint_every": run.checkpoint_every, "cpus": cpus,
               "progress": pump.progress if pump else None, "step_seconds": STEP_SECONDS if steps else None}
@@ -320,6 +319,17 @@ def _fit(patches_url: str, model_url: str, model_cfg: ModelConfig, train_cfg: Tr
                                    "workers": run.workers, "use_gpu": use_gpu,
                                    "epochs_run": int(state["epoch"]) + 1})
     return save_model(model_url, model.eval().to(memory_format=torch.contiguous_format), card)
+
+
+def _driver_queue() -> Any:
+    """The workers' progress queue, on the driver's node and without a CPU: a worker node that is lost
+    takes its training workers with it (Ray Train restarts them), never the queue they report to."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
 def _asked(run: RunConfig, use_gpu: bool, cpus: float) -> str:

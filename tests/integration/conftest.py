@@ -1,12 +1,12 @@
-"""Fixtures of the integration tests: one SeaweedFS S3 server and one local Ray per session, and a
-model trained on it."""
+"""Fixtures of the integration tests: one SeaweedFS S3 server and one local Ray per session, a model
+trained on it, and clean scans of an archive that fault tests compare with."""
 
 from __future__ import annotations
 
 import pytest
 
 from helpers.s3server import s3  # noqa: F401  (session-scoped SeaweedFS on 127.0.0.1)
-from ray_inspect.config import ModelConfig, TrainConfig
+from ray_inspect.config import InspectConfig, ModelConfig, ScanOptions, SynthConfig, TrainConfig
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +48,29 @@ def calibrated(trained_model, dataset, tmp_path_factory):
     res = calibrate(url, dataset, min_area=30, cfg=InspectConfig(precision="float32"))
     assert res["images"] == 4 and res["rule"] == "min_area"
     return url, res["threshold"]
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory):
+    """A bigger labelled root (40 test images), so that a scan lasts long enough to be interrupted."""
+    from ray_inspect.io.synth import generate
+
+    root = str(tmp_path_factory.mktemp("archive") / "plain")
+    generate(root, SynthConfig(size=256, train=1, test_defective=30, test_good=10, validation=0, seed=5))
+    return root
+
+
+@pytest.fixture(scope="session")
+def clean(ray_session, calibrated, archive, tmp_path_factory):
+    """Uninterrupted bf16 scans of the archive with 1 and 2 actors: {workers: OUT}. Bits depend on the
+    threads per actor (one each with 2 actors here, two with 1), so each fault test compares with the
+    scan whose actors have its threads."""
+    from ray_inspect.distributed.scan import EXIT_OK, scan
+
+    outs = {}
+    for workers in (1, 2):
+        outs[workers] = str(tmp_path_factory.mktemp("clean") / "out")
+        summary = scan(calibrated[0], archive, outs[workers], InspectConfig(precision="bfloat16"),
+                       options=ScanOptions(workers=workers))
+        assert summary["exit_code"] == EXIT_OK and summary["scanned"] == 40
+    return outs

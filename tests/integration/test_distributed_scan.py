@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from helpers.scans import assert_outputs_equal, output_stem_list
 from ray_inspect.cli import main
 from ray_inspect.config import InspectConfig, MetricsConfig, ScanOptions, SynthConfig
 from ray_inspect.core.evaluation import Evaluation
@@ -85,39 +86,6 @@ def _reference_scan(load_model, model_url, source, out, cfg):
     return records, total.metrics()
 
 
-def _outputs_equal(out_a, out_b, stems):
-    for stem in stems:
-        a, b = output_urls(out_a, stem), output_urls(out_b, stem)
-        assert storage.read_bytes(a["mask"]) == storage.read_bytes(b["mask"]), stem
-        assert storage.read_bytes(a["residual"]) == storage.read_bytes(b["residual"]), stem
-
-
-def _stems(source):
-    return list(output_stems([s.key for s in list_samples(source)]).values())
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    """A bigger labelled root (40 test images), so that a scan lasts long enough to be interrupted."""
-    from ray_inspect.io.synth import generate
-
-    root = str(tmp_path_factory.mktemp("archive") / "plain")
-    generate(root, SynthConfig(size=256, train=1, test_defective=30, test_good=10, validation=0, seed=5))
-    return root
-
-
-@pytest.fixture(scope="module")
-def clean(ray_session, calibrated, archive, tmp_path_factory):
-    """Uninterrupted scans of the archive with 1 and 2 actors: {workers: OUT}. (Bits depend on the
-    threads per actor, see reference_scan, so each fault test compares with its own shape.)"""
-    outs = {}
-    for workers in (1, 2):
-        outs[workers] = str(tmp_path_factory.mktemp("clean") / "out")
-        summary = scan(calibrated[0], archive, outs[workers], CFG, options=ScanOptions(workers=workers))
-        assert summary["exit_code"] == EXIT_OK and summary["scanned"] == 40
-    return outs
-
-
 @pytest.mark.slow
 def test_s3_to_s3_with_two_actors_equals_a_single_process_scan(ray_session, s3, calibrated, dataset,
                                                                 tmp_path):
@@ -137,7 +105,7 @@ def test_s3_to_s3_with_two_actors_equals_a_single_process_scan(ray_session, s3, 
     local = str(tmp_path / "ref")
     ref_records, ref_metrics = reference_scan(calibrated[0], dataset, local)
     assert json.loads(storage.read_text(storage.join(out, "metrics.json"))) == ref_metrics
-    _outputs_equal(out, local, ref_records)
+    assert_outputs_equal(out, local, ref_records)
     for stem, ref in ref_records.items():
         got = json.loads(storage.read_text(output_urls(out, stem)["record"]))
         for k in ("score", "score_opened", "flagged_pixels", "regions", "tiles", "height", "width",
@@ -178,7 +146,7 @@ def test_killed_actor_images_retried_and_counted_once(ray_session, calibrated, a
     assert len(rec.images) == 40 and len(set(rec.images)) == 40
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 40 and metrics == json.loads(Path(clean[2], "metrics.json").read_text())
-    _outputs_equal(str(out), clean[2], _stems(archive))
+    assert_outputs_equal(str(out), clean[2], output_stem_list(archive))
     assert ray.is_initialized()
 
 
@@ -224,7 +192,7 @@ def test_an_s3_outage_mid_scan_is_ridden_out_and_its_retries_counted(ray_session
     assert registry.get_sample_value("ray_inspect_images_scanned_total") == 40
     metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
     assert metrics == json.loads(Path(clean[2], "metrics.json").read_text())
-    _outputs_equal(out, clean[2], _stems(archive))
+    assert_outputs_equal(out, clean[2], output_stem_list(archive))
 
 
 @pytest.mark.slow
@@ -254,7 +222,7 @@ def test_killed_driver_rerun_recomputes_only_what_was_missing(ray_session, calib
     assert all(p.stat().st_mtime_ns == m for p, m in done.items())          # complete images were not redone
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(Path(clean[1], "metrics.json").read_text())
-    _outputs_equal(str(out), clean[1], _stems(archive))
+    assert_outputs_equal(str(out), clean[1], output_stem_list(archive))
     assert (out / "_SUCCESS").exists()
 
 
