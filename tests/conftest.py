@@ -13,17 +13,15 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Ray Train watches for preempted nodes with one more actor per run; a local test Ray has none to lose.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
+from helpers.datasets import synth_root  # noqa: E402
 from ray_inspect.config import PrepareConfig, SynthConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """A 256-px plain-weave data set: 12 train, 8 defective + 4 good test, 4 validation images."""
-    from ray_inspect.io.synth import generate
-
-    root = str(tmp_path_factory.mktemp("data") / "plain")
-    generate(root, SynthConfig(size=256, train=12, test_defective=8, test_good=4, validation=4, seed=3))
-    return root
+    return synth_root(tmp_path_factory, "data",
+                      SynthConfig(size=256, train=12, test_defective=8, test_good=4, validation=4, seed=3))
 
 
 @pytest.fixture(scope="session")

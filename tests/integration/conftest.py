@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers.datasets import synth_root
 from helpers.s3server import s3  # noqa: F401  (session-scoped SeaweedFS on 127.0.0.1)
 from ray_inspect.config import InspectConfig, ModelConfig, ScanOptions, SynthConfig, TrainConfig
 
@@ -53,11 +54,8 @@ def calibrated(trained_model, dataset, tmp_path_factory):
 @pytest.fixture(scope="session")
 def archive(tmp_path_factory):
     """A bigger labelled root (40 test images), so that a scan lasts long enough to be interrupted."""
-    from ray_inspect.io.synth import generate
-
-    root = str(tmp_path_factory.mktemp("archive") / "plain")
-    generate(root, SynthConfig(size=256, train=1, test_defective=30, test_good=10, validation=0, seed=5))
-    return root
+    return synth_root(tmp_path_factory, "archive",
+                      SynthConfig(size=256, train=1, test_defective=30, test_good=10, validation=0, seed=5))
 
 
 @pytest.fixture(scope="session")
