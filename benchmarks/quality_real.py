@@ -39,6 +39,8 @@ ROWS = {
     "paper": ("paper", []),
     "smoothing": ("paper", ["--smooth-sigma", "4"]),
     "position": ("paper", ["--normalise", "position"]),
+    "features": ("paper", ["--normalise", "features"]),
+    "schedule+smoothing+features": ("cosine", ["--smooth-sigma", "3", "--normalise", "features"]),
     "flips": ("flips", []),
     "schedule+flips+smoothing+position": ("cosine-flips", ["--smooth-sigma", "4", "--normalise", "position"]),
     "schedule+defects": ("cosine-defects", []),

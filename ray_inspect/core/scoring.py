@@ -1,10 +1,13 @@
-"""Residual -> anomaly score: the paper thresholds 1 - SSIM as is; two options make it fit real data.
+"""Residual -> anomaly score: the paper thresholds 1 - SSIM as is; three options make it fit real data.
 
 Smoothing averages the residual over a defect-sized neighbourhood, so a crack's coherent residual
 rises above the speckle a stochastic texture leaves everywhere. Position normalisation divides out
 what defect-free images leave at each position (aligned parts: edges, printing, fixtures), as a
-z-score against statistics learned by calibration. Both work on bands of rows exactly as on the
-whole map (the band's halo covers the smoothing radius).
+z-score against statistics learned by calibration. Feature normalisation scores each pixel by how
+unlikely its local structure (Gaussian-derivative responses of the image at four scales, and the
+residual) is under a Gaussian fitted to defect-free images: a texture's normal variation, however
+strong, is expected; a crack's line is not. All work on bands of rows exactly as on the whole map
+(the band's halo covers the filters' radius).
 """
 
 from __future__ import annotations
@@ -15,27 +18,65 @@ import numpy as np
 
 from ray_inspect.config import Z_MAX, ScoreConfig
 
+JET_SCALES = (1.0, 2.0, 4.0, 8.0)   # Gaussian-derivative scales of the feature normalisation (px)
+RESIDUAL_SIGMA = 2.0                 # the residual enters the features smoothed at this sigma
+N_FEATURES = 3 * len(JET_SCALES) + 1
+
 
 def smoothing_radius(sigma: float) -> int:
     """Half-width of the Gaussian kernel: 4 sigma, as scipy.ndimage truncates it."""
     return int(4.0 * sigma + 0.5) if sigma > 0 else 0
 
 
+def gaussian_kernel(sigma: float, order: int = 0) -> np.ndarray:
+    """Correlation weights of a Gaussian (``order`` 0) or its derivative (1, 2), as
+    scipy.ndimage.gaussian_filter1d applies them."""
+    r = smoothing_radius(sigma)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    phi = np.exp(-0.5 * (x / sigma) ** 2)
+    phi /= phi.sum()
+    poly = {0: 1.0, 1: x / sigma**2, 2: x**2 / sigma**4 - 1.0 / sigma**2}[order]
+    return (poly * phi).astype(np.float32)   # order 1 is mirrored: correlation, not convolution
+
+
+def _separable(src: np.ndarray, ky: np.ndarray, kx: np.ndarray) -> np.ndarray:
+    """Separable correlation with mirrored borders (scipy.ndimage's mode 'reflect')."""
+    import cv2
+
+    r = max(len(ky), len(kx)) // 2
+    src = np.ascontiguousarray(src, dtype=np.float32)
+    if min(src.shape) <= r:      # OpenCV mirrors one reflection only; pad like numpy's 'symmetric'
+        pad = np.pad(src, r, mode="symmetric")
+        return cv2.sepFilter2D(pad, cv2.CV_32F, kx, ky, borderType=cv2.BORDER_REFLECT)[r:-r, r:-r]
+    return cv2.sepFilter2D(src, cv2.CV_32F, kx, ky, borderType=cv2.BORDER_REFLECT)
+
+
 def smooth(residual: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian smoothing with mirrored borders (= scipy.ndimage.gaussian_filter, mode 'reflect')."""
     if sigma <= 0:
         return residual
-    import cv2
+    k = gaussian_kernel(sigma)
+    return _separable(residual, k, k)
 
-    r = smoothing_radius(sigma)
-    x = np.arange(-r, r + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (x / sigma) ** 2)
-    k = (k / k.sum()).astype(np.float32)
-    src = np.ascontiguousarray(residual, dtype=np.float32)
-    if min(src.shape) <= r:      # OpenCV mirrors one reflection only; pad like numpy's 'symmetric'
-        pad = np.pad(src, r, mode="symmetric")
-        return cv2.sepFilter2D(pad, cv2.CV_32F, k, k, borderType=cv2.BORDER_REFLECT)[r:-r, r:-r]
-    return cv2.sepFilter2D(src, cv2.CV_32F, k, k, borderType=cv2.BORDER_REFLECT)
+
+def local_features(image: np.ndarray, residual: np.ndarray) -> np.ndarray:
+    """(H, W, N_FEATURES): at each scale the two Hessian eigenvalues (times sigma^2) and the
+    gradient magnitude (times sigma) of the (H, W) image, then the residual smoothed at
+    RESIDUAL_SIGMA. Scale-normalised, so a line scores alike at every scale it fits."""
+    out = np.empty((*image.shape, N_FEATURES), np.float32)
+    for i, s in enumerate(JET_SCALES):
+        g0, g1, g2 = (gaussian_kernel(s, k) for k in (0, 1, 2))
+        hyy, hxx, hxy = _separable(image, g2, g0), _separable(image, g0, g2), _separable(image, g1, g1)
+        half_trace = 0.5 * (hxx + hyy)
+        spread = np.sqrt(0.25 * (hxx - hyy) ** 2 + hxy**2)
+        out[..., 3 * i] = s * s * (half_trace + spread)
+        out[..., 3 * i + 1] = s * s * (half_trace - spread)
+        out[..., 3 * i + 2] = s * np.hypot(_separable(image, g1, g0), _separable(image, g0, g1))
+    out[..., -1] = smooth(residual, RESIDUAL_SIGMA)
+    return out
+
+
+FEATURE_HALO = smoothing_radius(max(*JET_SCALES, RESIDUAL_SIGMA))
 
 
 def _linear_weights(n_out: int, n_in: int, start: int, stop: int) -> tuple[np.ndarray, ...]:
@@ -87,23 +128,66 @@ class PositionStats:
         return resample_rows(self.mean, shape, rows), resample_rows(self.std, shape, rows)
 
 
+@dataclass(frozen=True)
+class FeatureStats:
+    """A Gaussian of defect-free pixels' ``local_features``: their mean and the whitening matrix
+    (the inverse Cholesky factor of their covariance), so the score is a Mahalanobis distance."""
+
+    mean: np.ndarray     # (N_FEATURES,) float64
+    whiten: np.ndarray   # (N_FEATURES, N_FEATURES) float64, lower triangular
+
+    @classmethod
+    def fit(cls, images: list[np.ndarray], residuals: list[np.ndarray]) -> FeatureStats:
+        """Exact mean and covariance over every pixel of the defect-free images (float64 sums);
+        a ridge of 1e-6 of the mean variance keeps a feature that never varied invertible."""
+        n, total, outer = 0, np.zeros(N_FEATURES), np.zeros((N_FEATURES, N_FEATURES))
+        for image, residual in zip(images, residuals, strict=True):
+            f = local_features(image, residual).reshape(-1, N_FEATURES).astype(np.float64)
+            n, total, outer = n + len(f), total + f.sum(0), outer + f.T @ f
+        mean = total / n
+        cov = outer / n - np.outer(mean, mean)
+        cov += np.eye(N_FEATURES) * max(1e-6 * float(np.trace(cov)) / N_FEATURES, 1e-12)
+        return cls(mean, np.linalg.inv(np.linalg.cholesky(cov)))
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each pixel's features, clipped to [0, Z_MAX]."""
+        centred = features.reshape(-1, N_FEATURES) - self.mean.astype(np.float32)
+        z = centred @ self.whiten.T.astype(np.float32)
+        d = np.sqrt(np.einsum("ij,ij->i", z, z))
+        return np.minimum(d, Z_MAX).reshape(features.shape[:-1]).astype(np.float32)
+
+
+Stats = PositionStats | FeatureStats
+
+
 class Scorer:
     """Applies a ``ScoreConfig`` to residual rows; ``halo`` extra rows on each side make a band's
     result equal the whole map's."""
 
-    def __init__(self, cfg: ScoreConfig = ScoreConfig(), stats: PositionStats | None = None):
-        if cfg.normalise == "position" and stats is None:
-            raise ValueError("position normalisation needs the statistics learned by calibrate")
+    def __init__(self, cfg: ScoreConfig = ScoreConfig(), stats: Stats | None = None):
+        kind = {"position": PositionStats, "features": FeatureStats}.get(cfg.normalise)
+        if kind is not None and not isinstance(stats, kind):
+            raise ValueError(f"{cfg.normalise} normalisation needs the statistics learned by calibrate")
         self.cfg, self.stats = cfg, stats
-        self.halo = smoothing_radius(cfg.smooth_sigma)
+        self.halo = smoothing_radius(cfg.smooth_sigma) + (FEATURE_HALO if cfg.normalise == "features" else 0)
 
-    def __call__(self, residual: np.ndarray, rows: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
-        """Score of ``residual``, which holds rows ``rows`` of an image of ``shape`` (H, W)."""
+    def __call__(self, residual: np.ndarray, rows: tuple[int, int], shape: tuple[int, int],
+                 image: np.ndarray | None = None) -> np.ndarray:
+        """Score of ``residual``, which holds rows ``rows`` of an image of ``shape`` (H, W);
+        feature normalisation also needs those rows of the (grey) image."""
+        if self.cfg.normalise == "features":
+            if image is None or image.shape != residual.shape:
+                raise ValueError("feature normalisation needs the image rows of the residual")
+            return smooth(self.stats.distance(local_features(image, residual)), self.cfg.smooth_sigma)
         score = smooth(residual, self.cfg.smooth_sigma)
         if self.cfg.normalise == "position":
             mean, std = self.stats.rows(shape, rows)
             score = np.clip((score - mean) / std, 0.0, Z_MAX).astype(np.float32)
         return score
 
+    @property
+    def needs_image(self) -> bool:
+        return self.cfg.normalise == "features"
+
     def score_range(self, residual_range: tuple[float, float]) -> tuple[float, float]:
-        return (0.0, Z_MAX) if self.cfg.normalise == "position" else residual_range
+        return (0.0, Z_MAX) if self.cfg.normalise != "none" else residual_range

@@ -22,7 +22,7 @@ from torch import nn
 
 from ray_inspect.config import MAX_SCALE, ModelConfig, ScoreConfig, from_dict
 from ray_inspect.core.model import AlexNetFeatures, build_model
-from ray_inspect.core.scoring import PositionStats
+from ray_inspect.core.scoring import N_FEATURES, FeatureStats, PositionStats, Stats
 from ray_inspect.io import storage
 from ray_inspect.io.images import scaled_shape
 
@@ -56,7 +56,7 @@ class ModelCard:
     source_size: tuple[int, int] | None = None   # training images' (H, W) before the resize
     scale: float | None = None                   # one factor for every image (aspect ratio kept)
     score: ScoreConfig = ScoreConfig()           # residual -> score (the paper: the residual as is)
-    normaliser: str = ""                         # file of the position statistics (score.normalise)
+    normaliser: str = ""                         # file of the statistics score.normalise learned
     normaliser_sha256: str = ""
     threshold: float | None = None
     threshold_rule: dict[str, Any] | None = None
@@ -217,10 +217,14 @@ def load_model(url: str, device: str | torch.device = "cpu", card: ModelCard | N
     return model.eval().to(device)
 
 
-def save_normaliser(url: str, stats: PositionStats) -> tuple[str, str]:
-    """Write position statistics content-addressed beside the weights; returns (file name, sha256)."""
+def save_normaliser(url: str, stats: Stats) -> tuple[str, str]:
+    """Write position or feature statistics content-addressed beside the weights; returns
+    (file name, sha256)."""
     buf = io.BytesIO()
-    np.savez(buf, mean=stats.mean, std=stats.std)
+    if isinstance(stats, FeatureStats):
+        np.savez(buf, feature_mean=stats.mean, whiten=stats.whiten)
+    else:
+        np.savez(buf, mean=stats.mean, std=stats.std)
     data = buf.getvalue()
     sha = hashlib.sha256(data).hexdigest()
     name = f"normaliser-{sha[:16]}.npz"
@@ -228,8 +232,9 @@ def save_normaliser(url: str, stats: PositionStats) -> tuple[str, str]:
     return name, sha
 
 
-def load_normaliser(url: str, card: ModelCard) -> PositionStats | None:
-    """The card's position statistics (None when it has none), checked against its checksum."""
+def load_normaliser(url: str, card: ModelCard) -> Stats | None:
+    """The card's statistics (None when it has none), checked against its checksum and against
+    the kind its score needs."""
     if not card.normaliser:
         return None
     path = storage.join(url, card.normaliser)
@@ -238,9 +243,27 @@ def load_normaliser(url: str, card: ModelCard) -> PositionStats | None:
         raise ValueError(f"{path}: checksum does not match the card")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            mean, std = z["mean"].astype(np.float32), z["std"].astype(np.float32)
-    except (ValueError, KeyError, OSError) as exc:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError) as exc:
         raise ValueError(f"{path}: not a normaliser file ({exc})") from None
+    kind = card.score.normalise
+    keys = ("feature_mean", "whiten") if kind == "features" else ("mean", "std")
+    if not all(k in arrays for k in keys):
+        raise ValueError(f"{path}: not a {kind} normaliser file (it holds {', '.join(sorted(arrays))})")
+    a, b = (arrays[k] for k in keys)
+    if kind == "features":
+        return _feature_stats(path, a.astype(np.float64), b.astype(np.float64))
+    return _position_stats(path, a.astype(np.float32), b.astype(np.float32))
+
+
+def _feature_stats(path: str, mean: np.ndarray, whiten: np.ndarray) -> FeatureStats:
+    if mean.shape != (N_FEATURES,) or whiten.shape != (N_FEATURES, N_FEATURES) \
+            or not (np.isfinite(mean).all() and np.isfinite(whiten).all()):
+        raise ValueError(f"{path}: feature statistics are malformed")
+    return FeatureStats(mean, whiten)
+
+
+def _position_stats(path: str, mean: np.ndarray, std: np.ndarray) -> PositionStats:
     if mean.ndim != 2 or mean.shape != std.shape or not (np.isfinite(mean).all() and (std > 0).all()):
         raise ValueError(f"{path}: normaliser maps are malformed")
     return PositionStats(mean, std)

@@ -1,7 +1,8 @@
 """Threshold selection on defect-free validation images only (never on the test defects).
 
 Calibration also fixes how the residual becomes the score (``ScoreConfig``): the paper's residual
-as is, or smoothed and/or normalised by position statistics learned here, from the same images.
+as is, or smoothed and/or normalised by position or feature statistics learned here, from the same
+images.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ray_inspect.config import InspectConfig, ScoreConfig
-from ray_inspect.core.scoring import PositionStats, Scorer
+from ray_inspect.core.scoring import FeatureStats, PositionStats, Scorer, Stats
 from ray_inspect.core.segmentation import open_residual, threshold_for_fpr, threshold_for_min_area
 from ray_inspect.io.artifact import load_model, save_normaliser, score_range, write_card
 from ray_inspect.io.datasets import Sample, defect_free
@@ -27,12 +28,14 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
     if (min_area is None) == (fpr is None):
         raise ValueError("give exactly one of --min-area or --fpr")
     model = load_model(model_url)
-    card = replace(model.card, score=replace(score, normalise="none"), normaliser="", normaliser_sha256="")
+    features = score.normalise == "features"     # learned from the raw residual, smoothed after
+    first = ScoreConfig() if features else replace(score, normalise="none")
+    card = replace(model.card, score=first, normaliser="", normaliser_sha256="")
     inspector = Inspector(model, card, cfg, threshold=None)
     urls = defect_free(images)
     if not urls:
         raise FileNotFoundError(f"{images}: no defect-free validation images found")
-    maps, errors = [], []
+    maps, greys, errors = [], [], []
     for url in urls:
         try:
             img, _ = inspector.load(Sample(url, url))
@@ -40,12 +43,14 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
             errors.append(str(exc))
             continue
         maps.append(inspector.inspect(img, url, keep_opened=score.normalise == "none"))
+        if features:
+            greys.append(img.mean(axis=-1) if img.ndim == 3 else img)
         if progress:
             progress(url)
     if not maps:
         raise ValueError(f"{images}: none of the validation images could be read")
-    stats = PositionStats.fit([m.residual for m in maps]) if score.normalise == "position" else None
-    opened = [m.opened for m in maps] if stats is None else _normalised(maps, score, stats, cfg)
+    stats = _fit(score, [m.residual for m in maps], greys)
+    opened = [m.opened for m in maps] if stats is None else _normalised(maps, greys, score, stats, cfg)
     if min_area is not None:
         t = threshold_for_min_area(opened, min_area)
         rule = {"rule": "min_area", "min_area": min_area}
@@ -64,11 +69,22 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
             "score": {"smooth_sigma": score.smooth_sigma, "normalise": score.normalise}}
 
 
-def _normalised(maps: list, score: ScoreConfig, stats: PositionStats, cfg: InspectConfig) -> list[np.ndarray]:
-    """The opened, normalised score of each (already smoothed) validation map, as the scan computes it."""
-    normalise = Scorer(replace(score, smooth_sigma=0.0), stats)
+def _fit(score: ScoreConfig, residuals: list[np.ndarray], greys: list[np.ndarray]) -> Stats | None:
+    if score.normalise == "position":
+        return PositionStats.fit(residuals)
+    if score.normalise == "features":
+        return FeatureStats.fit(greys, residuals)
+    return None
+
+
+def _normalised(maps: list, greys: list[np.ndarray], score: ScoreConfig, stats: Stats,
+                cfg: InspectConfig) -> list[np.ndarray]:
+    """The opened, normalised score of each validation map, as the scan computes it (position
+    statistics were learned from maps already smoothed; feature statistics from raw residuals)."""
+    scorer = Scorer(score if greys else replace(score, smooth_sigma=0.0), stats)
     out = []
-    for m in maps:
+    for i, m in enumerate(maps):
         h = m.residual.shape[0]
-        out.append(open_residual(normalise(m.residual, (0, h), m.residual.shape), cfg.opening_diameter))
+        grey = greys[i] if greys else None
+        out.append(open_residual(scorer(m.residual, (0, h), m.residual.shape, grey), cfg.opening_diameter))
     return out

@@ -19,7 +19,7 @@ from torch import nn
 
 from ray_inspect.config import InspectConfig, SSIMConfig
 from ray_inspect.core.inference import Reconstructor, prepare_model, to_chw
-from ray_inspect.core.scoring import PositionStats, Scorer
+from ray_inspect.core.scoring import Scorer, Stats
 from ray_inspect.core.segmentation import open_residual, segment
 from ray_inspect.core.tiling import Band, plan_bands
 from ray_inspect.io.artifact import ModelCard
@@ -91,12 +91,12 @@ class LoadedImage:
 class Inspector:
     """A loaded model with its card and inspection settings; ``bands`` runs the per-image step.
 
-    ``stats``: the position statistics of a card that normalises (``load_model`` reads them as
-    ``model.normaliser``)."""
+    ``stats``: the position or feature statistics of a card that normalises (``load_model`` reads
+    them as ``model.normaliser``)."""
 
     def __init__(self, model: nn.Module, card: ModelCard, cfg: InspectConfig = InspectConfig(),  # noqa: PLR0913 - model, its card and statistics, settings, threshold, device
                  threshold: float | None = None, device: str | torch.device = "cpu",
-                 stats: PositionStats | None = None):
+                 stats: Stats | None = None):
         self.card, self.cfg = card, cfg
         self.threshold = card.threshold if threshold is None else threshold
         self.model = prepare_model(model, cfg.precision, device)
@@ -181,7 +181,9 @@ class Inspector:
         t1 = time.perf_counter()
         residual = self.reconstructor.residual(x, recon, nll).cpu().numpy()
         (r0, r1), c0 = band.residual_rows, band.recon_rows[0]
-        residual = self.scorer(residual[r0 - c0 : r1 - c0], (r0, r1), (band.image_rows, residual.shape[-1]))
+        image = x[:, r0 - c0 : r1 - c0].mean(dim=0).cpu().numpy() if self.scorer.needs_image else None
+        shape = (band.image_rows, residual.shape[-1])
+        residual = self.scorer(residual[r0 - c0 : r1 - c0], (r0, r1), shape, image)
         t2 = time.perf_counter()
         d = self.cfg.opening_diameter
         opened = open_residual(residual, d) if keep_opened else None

@@ -5,13 +5,14 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import tifffile
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from helpers import bombs
 from ray_inspect import load_model
-from ray_inspect.config import InspectConfig
+from ray_inspect.config import InspectConfig, ScoreConfig
 from ray_inspect.distributed.scan import EXIT_PARTIAL, scan
 from ray_inspect.io.datasets import list_samples
 from ray_inspect.io.images import read_image
@@ -126,6 +127,27 @@ def test_scan_metrics_agree_with_sklearn_and_report(ray_session, calibrated, dat
     rep = write_report(str(out), worst=2)
     assert rep["pixel_auroc"] == m["pixel_auroc"]
     assert (out / "roc.png").stat().st_size > 1000 and len(list((out / "overlays").iterdir())) == 2
+
+
+@pytest.mark.parametrize("score", [ScoreConfig(4.0, "position"), ScoreConfig(3.0, "features")])
+def test_a_normalised_score_runs_through_the_ray_scan_as_through_one_process(ray_session, trained_model,
+                                                                            dataset, tmp_path, score):
+    url = str(tmp_path / "model")
+    shutil.copytree(trained_model, url)
+    calibrate(url, dataset, fpr=0.01, cfg=InspectConfig(precision="float32"), score=score)
+    out = tmp_path / "out"
+    summary = scan(url, dataset, str(out), InspectConfig(precision="float32"))
+    assert summary["exit_code"] == 0 and summary["failed"] == 0
+    model = load_model(url)
+    assert model.card.score == score and model.normaliser is not None
+    insp = Inspector(model, model.card, InspectConfig(precision="float32"), stats=model.normaliser)
+    for s in list_samples(dataset)[::7]:
+        img, _ = insp.load(s)
+        res = insp.inspect(img, s.key)
+        tiff = out / "residuals" / s.key.replace(".png", ".tiff")
+        stored = tifffile.imread(io.BytesIO(tiff.read_bytes()))                 # the score, as float16
+        np.testing.assert_allclose(stored, res.residual, rtol=1e-3, atol=1e-3)
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / s.key)) > 0, res.mask)
 
 
 def test_unlabelled_prefix_and_bfloat16(ray_session, calibrated, dataset, tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from ray_inspect.config import ModelConfig, ScoreConfig
 from ray_inspect.core.model import build_model
-from ray_inspect.core.scoring import PositionStats
+from ray_inspect.core.scoring import N_FEATURES, FeatureStats, PositionStats
 from ray_inspect.io.artifact import (
     ModelCard,
     load_model,
@@ -66,6 +66,34 @@ def test_normaliser_file_round_trips_and_is_checked(tmp_path):
     np.testing.assert_array_equal(loaded.std, stats.std)
     (tmp_path / "m" / name).write_bytes(b"tampered")
     with pytest.raises(ValueError, match="checksum"):
+        load_normaliser(url, read_card(url))
+
+
+
+def test_feature_statistics_round_trip_and_a_file_of_the_other_kind_is_one_line(tmp_path):
+    url = str(tmp_path / "m")
+    cfg = ModelConfig()
+    torch.manual_seed(0)
+    card = save_model(url, build_model(cfg), ModelCard(model=cfg, resize=None, scale=0.5))
+    rng = np.random.default_rng(1)
+    whiten = np.tril(rng.random((N_FEATURES, N_FEATURES))) + np.eye(N_FEATURES)
+    stats = FeatureStats(rng.random(N_FEATURES), whiten)
+    name, sha = save_normaliser(url, stats)
+    as_card = card.__class__(**{**card.__dict__, "normaliser": name, "normaliser_sha256": sha,
+                                "score": ScoreConfig(normalise="features")})
+    write_card(url, as_card)
+    loaded = load_model(url).normaliser
+    assert isinstance(loaded, FeatureStats)
+    np.testing.assert_array_equal(loaded.mean, stats.mean)
+    np.testing.assert_array_equal(loaded.whiten, stats.whiten)
+    # the same file under a card that expects position statistics: named, not a KeyError
+    write_card(url, as_card.__class__(**{**as_card.__dict__, "score": ScoreConfig(normalise="position")}))
+    with pytest.raises(ValueError, match=r"n?ormaliser-.*not a position normaliser file"):
+        load_normaliser(url, read_card(url))
+    bad = FeatureStats(np.full(N_FEATURES, np.nan), np.eye(N_FEATURES))
+    name, sha = save_normaliser(url, bad)
+    write_card(url, as_card.__class__(**{**as_card.__dict__, "normaliser": name, "normaliser_sha256": sha}))
+    with pytest.raises(ValueError, match="malformed"):
         load_normaliser(url, read_card(url))
 
 

@@ -1,5 +1,5 @@
-"""Calibration: the threshold of the score the scan will compute, position statistics learned from
-defect-free images only, and its errors."""
+"""Calibration: the threshold of the score the scan will compute, position and feature statistics
+learned from defect-free images only, and its errors."""
 
 import os
 
@@ -9,6 +9,7 @@ import torch
 
 from ray_inspect.config import InspectConfig, ModelConfig, ScoreConfig
 from ray_inspect.core.model import build_model
+from ray_inspect.core.scoring import N_FEATURES, FeatureStats, local_features
 from ray_inspect.io.artifact import ModelCard, load_model, save_model
 from ray_inspect.io.datasets import defect_free
 from ray_inspect.io.images import read_image
@@ -48,6 +49,20 @@ def test_position_normalisation_is_learned_from_the_validation_images(dataset, m
     opened = np.concatenate([m.opened.ravel() for m in _maps(model_url, dataset, stats=stats)])
     assert 0.04 <= (opened > card.threshold).mean() <= 0.05
 
+
+def test_feature_normalisation_is_learned_from_the_validation_images_raw_residual(dataset, model_url):
+    res = calibrate(model_url, dataset, fpr=0.05, cfg=FAST, score=ScoreConfig(3.0, "features"))
+    model = load_model(model_url)
+    card, stats = model.card, model.normaliser
+    assert card.score == ScoreConfig(3.0, "features") and card.score_range == (0.0, 64.0)
+    assert isinstance(stats, FeatureStats) and res["images"] == 4
+    raw = _maps(model_url, dataset, ScoreConfig())
+    greys = [read_image(u) for u in defect_free(dataset)]       # float32 in [0, 1]
+    feats = np.concatenate([local_features(g, m.residual).reshape(-1, N_FEATURES)
+                            for g, m in zip(greys, raw, strict=True)])
+    np.testing.assert_allclose(stats.mean, feats.mean(0, dtype=np.float64), rtol=1e-4, atol=1e-7)
+    opened = np.concatenate([m.opened.ravel() for m in _maps(model_url, dataset, stats=stats)])
+    assert 0.04 <= (opened > card.threshold).mean() <= 0.05
 
 def test_paper_score_after_an_option_resets_the_card(dataset, model_url):
     calibrate(model_url, dataset, fpr=0.05, cfg=FAST, score=ScoreConfig(4.0, "position"))

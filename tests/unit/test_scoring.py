@@ -1,4 +1,4 @@
-"""Residual -> score: smoothing and position statistics against scipy, OpenCV and numpy."""
+"""Residual -> score: smoothing, position and feature statistics against scipy, OpenCV and numpy."""
 
 import cv2
 import numpy as np
@@ -8,7 +8,17 @@ import torch
 
 from ray_inspect.config import Z_MAX, InspectConfig, ModelConfig, ScoreConfig
 from ray_inspect.core.model import build_model
-from ray_inspect.core.scoring import PositionStats, Scorer, resample_rows, smooth, smoothing_radius
+from ray_inspect.core.scoring import (
+    JET_SCALES,
+    N_FEATURES,
+    FeatureStats,
+    PositionStats,
+    Scorer,
+    local_features,
+    resample_rows,
+    smooth,
+    smoothing_radius,
+)
 from ray_inspect.io.artifact import ModelCard
 from ray_inspect.steps.inspector import Inspector
 
@@ -60,7 +70,57 @@ def test_normalised_score_is_the_clipped_z_score():
         Scorer(ScoreConfig(normalise="position"))
 
 
-@pytest.mark.parametrize("sigma,normalise", [(4.0, "none"), (2.0, "position"), (0.0, "position")])
+def _reference_features(img: np.ndarray, residual: np.ndarray) -> np.ndarray:
+    """scipy's Gaussian derivatives and numpy's symmetric eigenvalue solver, pixel by pixel."""
+    out = []
+    for s in JET_SCALES:
+        def g(order, s=s):
+            return ndi.gaussian_filter(img.astype(np.float64), s, order=order, mode="reflect", truncate=4.0)
+        hyy, hxx, hxy = g((2, 0)), g((0, 2)), g((1, 1))
+        hessian = np.stack([np.stack([hyy, hxy], -1), np.stack([hxy, hxx], -1)], -2)
+        low, high = np.moveaxis(np.linalg.eigvalsh(hessian), -1, 0)
+        out += [s * s * high, s * s * low, s * np.hypot(g((1, 0)), g((0, 1)))]
+    out.append(ndi.gaussian_filter(residual.astype(np.float64), 2.0, mode="reflect", truncate=4.0))
+    return np.stack(out, -1)
+
+
+@pytest.mark.parametrize("shape", [(70, 90), (20, 45)])      # 20 rows: narrower than the sigma-8 kernel
+def test_local_features_are_scipys_gaussian_derivatives_and_hessian_eigenvalues(shape):
+    rng = np.random.default_rng(5)
+    img, residual = rng.random(shape).astype(np.float32), rng.random(shape).astype(np.float32)
+    f = local_features(img, residual)
+    assert f.shape == (*shape, N_FEATURES) == (*shape, 13)
+    np.testing.assert_allclose(f, _reference_features(img, residual), atol=1e-6)
+
+
+def test_feature_statistics_are_the_pixels_mean_and_covariance_and_score_a_mahalanobis_distance():
+    rng = np.random.default_rng(6)
+    imgs = [ndi.gaussian_filter(rng.random((40, 50)), 1.5).astype(np.float32) for _ in range(3)]
+    res = [rng.random((40, 50)).astype(np.float32) for _ in range(3)]
+    stats = FeatureStats.fit(imgs, res)
+    x = np.concatenate([_reference_features(i, r).reshape(-1, N_FEATURES)
+                        for i, r in zip(imgs, res, strict=True)])
+    np.testing.assert_allclose(stats.mean, x.mean(0), rtol=1e-5, atol=1e-7)
+    cov = np.cov(x.T, bias=True)
+    inv = stats.whiten.T @ stats.whiten                        # W^T W is the inverse covariance
+    np.testing.assert_allclose(inv @ cov, np.eye(N_FEATURES), atol=1e-3)
+    probe_img, probe_res = rng.random((30, 20)).astype(np.float32), rng.random((30, 20)).astype(np.float32)
+    f = _reference_features(probe_img, probe_res)
+    d = f.reshape(-1, N_FEATURES) - x.mean(0)
+    naive = np.sqrt(np.einsum("ij,jk,ik->i", d, np.linalg.inv(cov), d)).reshape(30, 20)
+    scored = Scorer(ScoreConfig(normalise="features"), stats)(probe_res, (0, 30), (30, 20), probe_img)
+    np.testing.assert_allclose(scored, np.minimum(naive, Z_MAX), rtol=2e-3)
+    assert 10 < np.median(scored) < Z_MAX                     # white noise is far from smooth images
+    assert Scorer(ScoreConfig(normalise="features"), stats)(probe_res * 100, (0, 30), (30, 20),
+                                                            probe_img).max() == Z_MAX
+    with pytest.raises(ValueError, match="statistics"):
+        Scorer(ScoreConfig(normalise="features"), PositionStats(np.ones((2, 2)), np.ones((2, 2))))
+    with pytest.raises(ValueError, match="image rows"):
+        Scorer(ScoreConfig(normalise="features"), stats)(probe_res, (0, 30), (30, 20))
+
+
+@pytest.mark.parametrize("sigma,normalise", [(4.0, "none"), (2.0, "position"), (0.0, "position"),
+                                             (3.0, "features")])
 def test_bands_equal_the_whole_image_with_smoothing_and_normalisation(sigma, normalise):
     rng = np.random.default_rng(4)
     h, w = 420, 333
@@ -68,13 +128,15 @@ def test_bands_equal_the_whole_image_with_smoothing_and_normalisation(sigma, nor
     stats = PositionStats(rng.random((50, 40)).astype(np.float32) * 0.5,
                           0.05 + rng.random((50, 40)).astype(np.float32))
     cfg = ModelConfig()
+    smooth_img = ndi.gaussian_filter(img / 255.0, 2.0).astype(np.float32)
+    features = FeatureStats.fit([smooth_img], [np.abs(smooth_img - img / 255.0).astype(np.float32)])
 
     def inspector(region):
         torch.manual_seed(0)
         card = ModelCard(model=cfg, resize=None, threshold=0.5 if normalise == "none" else 1.0,
                          score=ScoreConfig(sigma, normalise))
         return Inspector(build_model(cfg), card, InspectConfig(precision="float32", region_pixels=region),
-                         stats=stats if normalise == "position" else None)
+                         stats={"position": stats, "features": features}.get(normalise))
 
     whole = inspector(1 << 30).inspect(img, "k")
     banded_insp = inspector(30_000)
@@ -88,7 +150,12 @@ def test_bands_equal_the_whole_image_with_smoothing_and_normalisation(sigma, nor
     expected = residual
     if sigma:
         expected = ndi.gaussian_filter(residual.astype(np.float64), sigma, mode="reflect", truncate=4.0)
-    if normalise == "position":
+    if normalise == "features":
+        f = _reference_features(img / 255.0, residual).reshape(-1, N_FEATURES) - features.mean
+        inv = features.whiten.T @ features.whiten
+        distance = np.minimum(np.sqrt(np.einsum("ij,jk,ik->i", f, inv, f)), Z_MAX).reshape(h, w)
+        expected = ndi.gaussian_filter(distance, sigma, mode="reflect", truncate=4.0)
+    elif normalise == "position":
         mean = cv2.resize(stats.mean, (w, h), interpolation=cv2.INTER_LINEAR)
         std = cv2.resize(stats.std, (w, h), interpolation=cv2.INTER_LINEAR)
         expected = np.clip((expected - mean) / std, 0, Z_MAX)
