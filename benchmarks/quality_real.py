@@ -33,14 +33,14 @@ TRAININGS = {
 }
 # Ablation rows: (name, training recipe, calibrate's score options).
 ROWS = {
-    "recommended": ("cosine", ["--smooth-sigma", "4", "--normalise", "position"]),
+    "recommended": ("cosine", ["--smooth-sigma", "3", "--normalise", "features"]),
     "schedule+smoothing": ("cosine", ["--smooth-sigma", "4"]),
+    "schedule+smoothing+position": ("cosine", ["--smooth-sigma", "4", "--normalise", "position"]),
     "schedule": ("cosine", []),
     "paper": ("paper", []),
     "smoothing": ("paper", ["--smooth-sigma", "4"]),
     "position": ("paper", ["--normalise", "position"]),
     "features": ("paper", ["--normalise", "features"]),
-    "schedule+smoothing+features": ("cosine", ["--smooth-sigma", "3", "--normalise", "features"]),
     "flips": ("flips", []),
     "schedule+flips+smoothing+position": ("cosine-flips", ["--smooth-sigma", "4", "--normalise", "position"]),
     "schedule+defects": ("cosine-defects", []),

@@ -2,7 +2,8 @@
 
 One process, one model, the same images: the per-image step (``Inspector.inspect``: windows,
 reconstruction, residual, score, opening, mask) runs with the paper's score, with smoothing
-(sigma 4), and with smoothing and position normalisation. Rounds rotate the order so that drift
+(sigma 4), with smoothing and position normalisation, and with smoothing (sigma 3) and feature
+normalisation. Rounds rotate the order so that drift
 cancels; each round gives a ratio to the paper's time and the median is reported. Prints JSON;
 docs/benchmarks.md records it.
 
@@ -24,12 +25,13 @@ import torch
 
 from ray_inspect.config import InspectConfig, ModelConfig, ScoreConfig
 from ray_inspect.core.model import build_model
-from ray_inspect.core.scoring import PositionStats
+from ray_inspect.core.scoring import FeatureStats, PositionStats
 from ray_inspect.io.artifact import ModelCard
 from ray_inspect.steps.inspector import Inspector
 
 VARIANTS = {"paper": ScoreConfig(), "smoothing": ScoreConfig(4.0),
-            "smoothing+position": ScoreConfig(4.0, "position")}
+            "smoothing+position": ScoreConfig(4.0, "position"),
+            "smoothing+features": ScoreConfig(3.0, "features")}
 
 
 def main() -> None:
@@ -47,9 +49,10 @@ def main() -> None:
     images = [(rng.random((h, w)) * 255).astype(np.uint8) for _ in range(a.images)]
     stats = PositionStats(rng.random((h, w)).astype(np.float32) * 0.3,
                           0.05 + rng.random((h, w)).astype(np.float32))
+    grey = [i.astype(np.float32) / 255 for i in images[:2]]
+    stats = {"position": stats, "features": FeatureStats.fit(grey, [np.abs(g - 0.5) for g in grey])}
     inspectors = {name: Inspector(model, ModelCard(model=cfg, resize=None, threshold=1.0, score=score),
-                                  InspectConfig(precision=a.precision),
-                                  stats=stats if score.normalise == "position" else None)
+                                  InspectConfig(precision=a.precision), stats=stats.get(score.normalise))
                   for name, score in VARIANTS.items()}
     for insp in inspectors.values():                     # warm-up: grids, kernels, allocator
         insp.inspect(images[0], "warm")

@@ -51,11 +51,15 @@ def test_score_options_round_trip_and_change_the_fingerprint():
     assert other.score.smooth_sigma == 2.0 and other.fingerprint != card.fingerprint
 
 
-def test_normaliser_file_round_trips_and_is_checked(tmp_path):
+def _small_model(tmp_path) -> tuple[str, ModelCard]:
     url = str(tmp_path / "m")
     cfg = ModelConfig()
     torch.manual_seed(0)
-    card = save_model(url, build_model(cfg), ModelCard(model=cfg, resize=None, scale=0.5))
+    return url, save_model(url, build_model(cfg), ModelCard(model=cfg, resize=None, scale=0.5))
+
+
+def test_normaliser_file_round_trips_and_is_checked(tmp_path):
+    url, card = _small_model(tmp_path)
     rng = np.random.default_rng(0)
     stats = PositionStats(rng.random((6, 9)).astype(np.float32), 0.1 + rng.random((6, 9)).astype(np.float32))
     name, sha = save_normaliser(url, stats)
@@ -69,12 +73,8 @@ def test_normaliser_file_round_trips_and_is_checked(tmp_path):
         load_normaliser(url, read_card(url))
 
 
-
 def test_feature_statistics_round_trip_and_a_file_of_the_other_kind_is_one_line(tmp_path):
-    url = str(tmp_path / "m")
-    cfg = ModelConfig()
-    torch.manual_seed(0)
-    card = save_model(url, build_model(cfg), ModelCard(model=cfg, resize=None, scale=0.5))
+    url, card = _small_model(tmp_path)
     rng = np.random.default_rng(1)
     whiten = np.tril(rng.random((N_FEATURES, N_FEATURES))) + np.eye(N_FEATURES)
     stats = FeatureStats(rng.random(N_FEATURES), whiten)
