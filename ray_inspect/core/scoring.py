@@ -79,6 +79,18 @@ def local_features(image: np.ndarray, residual: np.ndarray) -> np.ndarray:
 FEATURE_HALO = smoothing_radius(max(*JET_SCALES, RESIDUAL_SIGMA))
 
 
+def feature_blocks(image: np.ndarray, residual: np.ndarray, chunk_pixels: int = 1 << 20):
+    """Yield ((r0, r1), ``local_features`` of rows [r0, r1)), each block computed with FEATURE_HALO
+    rows of context, so memory stays at ``chunk_pixels`` x N_FEATURES whatever the image's size and
+    the blocks equal the whole computation's rows."""
+    h, w = residual.shape
+    step = max(1, chunk_pixels // max(w, 1))
+    for r0 in range(0, h, step):
+        r1 = min(h, r0 + step)
+        c0, c1 = max(0, r0 - FEATURE_HALO), min(h, r1 + FEATURE_HALO)
+        yield (r0, r1), local_features(image[c0:c1], residual[c0:c1])[r0 - c0 : r1 - c0]
+
+
 def _linear_weights(n_out: int, n_in: int, start: int, stop: int) -> tuple[np.ndarray, ...]:
     """Source indices and weights of output rows [start, stop) of a linear resize n_in -> n_out
     (pixel centres aligned, as skimage's order-1 resize)."""
@@ -142,8 +154,9 @@ class FeatureStats:
         a ridge of 1e-6 of the mean variance keeps a feature that never varied invertible."""
         n, total, outer = 0, np.zeros(N_FEATURES), np.zeros((N_FEATURES, N_FEATURES))
         for image, residual in zip(images, residuals, strict=True):
-            f = local_features(image, residual).reshape(-1, N_FEATURES).astype(np.float64)
-            n, total, outer = n + len(f), total + f.sum(0), outer + f.T @ f
+            for _, block in feature_blocks(image, residual):
+                f = block.reshape(-1, N_FEATURES).astype(np.float64)
+                n, total, outer = n + len(f), total + f.sum(0), outer + f.T @ f
         mean = total / n
         cov = outer / n - np.outer(mean, mean)
         cov += np.eye(N_FEATURES) * max(1e-6 * float(np.trace(cov)) / N_FEATURES, 1e-12)
@@ -155,6 +168,13 @@ class FeatureStats:
         z = centred @ self.whiten.T.astype(np.float32)
         d = np.sqrt(np.einsum("ij,ij->i", z, z))
         return np.minimum(d, Z_MAX).reshape(features.shape[:-1]).astype(np.float32)
+
+    def score(self, image: np.ndarray, residual: np.ndarray, chunk_pixels: int = 1 << 20) -> np.ndarray:
+        """``distance(local_features(image, residual))`` in blocks of rows (``feature_blocks``)."""
+        out = np.empty(residual.shape, np.float32)
+        for (r0, r1), block in feature_blocks(image, residual, chunk_pixels):
+            out[r0:r1] = self.distance(block)
+        return out
 
 
 Stats = PositionStats | FeatureStats
@@ -178,7 +198,7 @@ class Scorer:
         if self.cfg.normalise == "features":
             if image is None or image.shape != residual.shape:
                 raise ValueError("feature normalisation needs the image rows of the residual")
-            return smooth(self.stats.distance(local_features(image, residual)), self.cfg.smooth_sigma)
+            return smooth(self.stats.score(image, residual), self.cfg.smooth_sigma)
         score = smooth(residual, self.cfg.smooth_sigma)
         if self.cfg.normalise == "position":
             mean, std = self.stats.rows(shape, rows)

@@ -14,6 +14,7 @@ from ray_inspect.core.scoring import (
     FeatureStats,
     PositionStats,
     Scorer,
+    feature_blocks,
     local_features,
     resample_rows,
     smooth,
@@ -117,6 +118,19 @@ def test_feature_statistics_are_the_pixels_mean_and_covariance_and_score_a_mahal
         Scorer(ScoreConfig(normalise="features"), PositionStats(np.ones((2, 2)), np.ones((2, 2))))
     with pytest.raises(ValueError, match="image rows"):
         Scorer(ScoreConfig(normalise="features"), stats)(probe_res, (0, 30), (30, 20))
+
+
+def test_feature_score_in_blocks_of_rows_equals_the_whole_computation():
+    rng = np.random.default_rng(7)
+    img = ndi.gaussian_filter(rng.random((150, 70)), 1.0).astype(np.float32)
+    res = rng.random((150, 70)).astype(np.float32)
+    stats = FeatureStats.fit([img], [res])
+    whole = stats.distance(local_features(img, res))
+    for chunk in (70, 70 * 33, 70 * 149):                     # 1 row, 33 rows, all but one row
+        np.testing.assert_allclose(stats.score(img, res, chunk_pixels=chunk), whole, rtol=1e-5, atol=1e-5)
+    blocks = list(feature_blocks(img, res, chunk_pixels=70 * 40))
+    assert [rows for rows, _ in blocks] == [(0, 40), (40, 80), (80, 120), (120, 150)]
+    np.testing.assert_allclose(np.concatenate([b for _, b in blocks]), local_features(img, res), atol=1e-6)
 
 
 @pytest.mark.parametrize("sigma,normalise", [(4.0, "none"), (2.0, "position"), (0.0, "position"),
