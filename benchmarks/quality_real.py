@@ -41,6 +41,8 @@ ROWS = {
     "smoothing": ("paper", ["--smooth-sigma", "4"]),
     "position": ("paper", ["--normalise", "position"]),
     "features": ("paper", ["--normalise", "features"]),
+    "schedule+smoothing+features+position": ("cosine",
+                                             ["--smooth-sigma", "3", "--normalise", "features+position"]),
     "flips": ("flips", []),
     "schedule+flips+smoothing+position": ("cosine-flips", ["--smooth-sigma", "4", "--normalise", "position"]),
     "schedule+defects": ("cosine-defects", []),

@@ -12,7 +12,7 @@ LOSSES = ("ssim", "l2", "vae", "fm")
 PRECISIONS = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("none", "flips", "dihedral")
-NORMALISERS = ("none", "position", "features")
+NORMALISERS = ("none", "position", "features", "features+position")
 MAX_SCALE = 4.0                   # the largest image scale factor (prepare, model cards)
 Z_MAX = 64.0                      # normalised scores are clipped to [0, Z_MAX] (the ROC's fixed bins)
 LOG_FORMATS = ("text", "json")
@@ -124,7 +124,8 @@ class ScoreConfig:
     "position" turns the score into a z-score against the defect-free images' residual at each
     position (learned by calibrate), clipped to [0, Z_MAX]; "features" into the Mahalanobis
     distance of each pixel's local image structure and residual from those of the defect-free
-    images (learned by calibrate, then smoothed by ``smooth_sigma``), clipped likewise.
+    images (learned by calibrate, then smoothed by ``smooth_sigma``), clipped likewise;
+    "features+position" takes the z-score of that distance at each position (aligned parts).
     """
 
     smooth_sigma: float = 0.0

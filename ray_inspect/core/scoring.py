@@ -177,7 +177,16 @@ class FeatureStats:
         return out
 
 
-Stats = PositionStats | FeatureStats
+@dataclass(frozen=True)
+class FeaturePositionStats:
+    """Feature statistics, and position statistics of the (smoothed) feature distance they give."""
+
+    features: FeatureStats
+    position: PositionStats
+
+
+Stats = PositionStats | FeatureStats | FeaturePositionStats
+_STATS = {"position": PositionStats, "features": FeatureStats, "features+position": FeaturePositionStats}
 
 
 class Scorer:
@@ -185,29 +194,33 @@ class Scorer:
     result equal the whole map's."""
 
     def __init__(self, cfg: ScoreConfig = ScoreConfig(), stats: Stats | None = None):
-        kind = {"position": PositionStats, "features": FeatureStats}.get(cfg.normalise)
+        kind = _STATS.get(cfg.normalise)
         if kind is not None and not isinstance(stats, kind):
             raise ValueError(f"{cfg.normalise} normalisation needs the statistics learned by calibrate")
         self.cfg, self.stats = cfg, stats
-        self.halo = smoothing_radius(cfg.smooth_sigma) + (FEATURE_HALO if cfg.normalise == "features" else 0)
+        pair = stats if isinstance(stats, FeaturePositionStats) else None
+        self.features = pair.features if pair else (stats if isinstance(stats, FeatureStats) else None)
+        self.position = pair.position if pair else (stats if isinstance(stats, PositionStats) else None)
+        self.halo = smoothing_radius(cfg.smooth_sigma) + (FEATURE_HALO if self.needs_image else 0)
 
     def __call__(self, residual: np.ndarray, rows: tuple[int, int], shape: tuple[int, int],
                  image: np.ndarray | None = None) -> np.ndarray:
         """Score of ``residual``, which holds rows ``rows`` of an image of ``shape`` (H, W);
         feature normalisation also needs those rows of the (grey) image."""
-        if self.cfg.normalise == "features":
+        if self.features is not None:
             if image is None or image.shape != residual.shape:
                 raise ValueError("feature normalisation needs the image rows of the residual")
-            return smooth(self.stats.score(image, residual), self.cfg.smooth_sigma)
-        score = smooth(residual, self.cfg.smooth_sigma)
-        if self.cfg.normalise == "position":
-            mean, std = self.stats.rows(shape, rows)
+            score = smooth(self.features.score(image, residual), self.cfg.smooth_sigma)
+        else:
+            score = smooth(residual, self.cfg.smooth_sigma)
+        if self.position is not None:
+            mean, std = self.position.rows(shape, rows)
             score = np.clip((score - mean) / std, 0.0, Z_MAX).astype(np.float32)
         return score
 
     @property
     def needs_image(self) -> bool:
-        return self.cfg.normalise == "features"
+        return self.cfg.normalise.startswith("features")
 
     def score_range(self, residual_range: tuple[float, float]) -> tuple[float, float]:
         return (0.0, Z_MAX) if self.cfg.normalise != "none" else residual_range

@@ -22,7 +22,7 @@ from torch import nn
 
 from ray_inspect.config import MAX_SCALE, ModelConfig, ScoreConfig, from_dict
 from ray_inspect.core.model import AlexNetFeatures, build_model
-from ray_inspect.core.scoring import N_FEATURES, FeatureStats, PositionStats, Stats
+from ray_inspect.core.scoring import N_FEATURES, FeaturePositionStats, FeatureStats, PositionStats, Stats
 from ray_inspect.io import storage
 from ray_inspect.io.images import scaled_shape
 
@@ -221,10 +221,14 @@ def save_normaliser(url: str, stats: Stats) -> tuple[str, str]:
     """Write position or feature statistics content-addressed beside the weights; returns
     (file name, sha256)."""
     buf = io.BytesIO()
-    if isinstance(stats, FeatureStats):
-        np.savez(buf, feature_mean=stats.mean, whiten=stats.whiten)
-    else:
-        np.savez(buf, mean=stats.mean, std=stats.std)
+    features = stats.features if isinstance(stats, FeaturePositionStats) else stats
+    position = stats.position if isinstance(stats, FeaturePositionStats) else stats
+    arrays = {}
+    if isinstance(features, FeatureStats):
+        arrays.update(feature_mean=features.mean, whiten=features.whiten)
+    if isinstance(position, PositionStats):
+        arrays.update(mean=position.mean, std=position.std)
+    np.savez(buf, **arrays)
     data = buf.getvalue()
     sha = hashlib.sha256(data).hexdigest()
     name = f"normaliser-{sha[:16]}.npz"
@@ -247,23 +251,27 @@ def load_normaliser(url: str, card: ModelCard) -> Stats | None:
     except (ValueError, OSError) as exc:
         raise ValueError(f"{path}: not a normaliser file ({exc})") from None
     kind = card.score.normalise
-    keys = ("feature_mean", "whiten") if kind == "features" else ("mean", "std")
-    if not all(k in arrays for k in keys):
+    keys = {"features": ("feature_mean", "whiten"), "position": ("mean", "std"),
+            "features+position": ("feature_mean", "whiten", "mean", "std")}.get(kind, ())
+    if not keys or not all(k in arrays for k in keys):
         raise ValueError(f"{path}: not a {kind} normaliser file (it holds {', '.join(sorted(arrays))})")
-    a, b = (arrays[k] for k in keys)
-    if kind == "features":
-        return _feature_stats(path, a.astype(np.float64), b.astype(np.float64))
-    return _position_stats(path, a.astype(np.float32), b.astype(np.float32))
+    features = _feature_stats(path, arrays) if "whiten" in keys else None
+    position = _position_stats(path, arrays) if "std" in keys else None
+    if features is not None and position is not None:
+        return FeaturePositionStats(features, position)
+    return features or position
 
 
-def _feature_stats(path: str, mean: np.ndarray, whiten: np.ndarray) -> FeatureStats:
+def _feature_stats(path: str, arrays: dict[str, np.ndarray]) -> FeatureStats:
+    mean, whiten = arrays["feature_mean"].astype(np.float64), arrays["whiten"].astype(np.float64)
     if mean.shape != (N_FEATURES,) or whiten.shape != (N_FEATURES, N_FEATURES) \
             or not (np.isfinite(mean).all() and np.isfinite(whiten).all()):
         raise ValueError(f"{path}: feature statistics are malformed")
     return FeatureStats(mean, whiten)
 
 
-def _position_stats(path: str, mean: np.ndarray, std: np.ndarray) -> PositionStats:
+def _position_stats(path: str, arrays: dict[str, np.ndarray]) -> PositionStats:
+    mean, std = arrays["mean"].astype(np.float32), arrays["std"].astype(np.float32)
     if mean.ndim != 2 or mean.shape != std.shape or not (np.isfinite(mean).all() and (std > 0).all()):
         raise ValueError(f"{path}: normaliser maps are malformed")
     return PositionStats(mean, std)

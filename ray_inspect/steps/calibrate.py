@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ray_inspect.config import InspectConfig, ScoreConfig
-from ray_inspect.core.scoring import FeatureStats, PositionStats, Scorer, Stats
+from ray_inspect.core.scoring import FeaturePositionStats, FeatureStats, PositionStats, Scorer, Stats
 from ray_inspect.core.segmentation import open_residual, threshold_for_fpr, threshold_for_min_area
 from ray_inspect.io.artifact import load_model, save_normaliser, score_range, write_card
 from ray_inspect.io.datasets import Sample, defect_free
@@ -28,7 +28,7 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
     if (min_area is None) == (fpr is None):
         raise ValueError("give exactly one of --min-area or --fpr")
     model = load_model(model_url)
-    features = score.normalise == "features"     # learned from the raw residual, smoothed after
+    features = score.normalise.startswith("features")   # learned from the raw residual, smoothed after
     first = ScoreConfig() if features else replace(score, normalise="none")
     card = replace(model.card, score=first, normaliser="", normaliser_sha256="")
     inspector = Inspector(model, card, cfg, threshold=None)
@@ -72,9 +72,14 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
 def _fit(score: ScoreConfig, residuals: list[np.ndarray], greys: list[np.ndarray]) -> Stats | None:
     if score.normalise == "position":
         return PositionStats.fit(residuals)
+    if score.normalise == "none":
+        return None
+    features = FeatureStats.fit(greys, residuals)
     if score.normalise == "features":
-        return FeatureStats.fit(greys, residuals)
-    return None
+        return features
+    scorer = Scorer(ScoreConfig(score.smooth_sigma, "features"), features)    # then its position statistics
+    distances = [scorer(r, (0, r.shape[0]), r.shape, g) for r, g in zip(residuals, greys, strict=True)]
+    return FeaturePositionStats(features, PositionStats.fit(distances))
 
 
 def _normalised(maps: list, greys: list[np.ndarray], score: ScoreConfig, stats: Stats,

@@ -9,7 +9,7 @@ import torch
 
 from ray_inspect.config import ModelConfig, ScoreConfig
 from ray_inspect.core.model import build_model
-from ray_inspect.core.scoring import N_FEATURES, FeatureStats, PositionStats
+from ray_inspect.core.scoring import N_FEATURES, FeaturePositionStats, FeatureStats, PositionStats
 from ray_inspect.io.artifact import (
     ModelCard,
     load_model,
@@ -90,9 +90,19 @@ def test_feature_statistics_round_trip_and_a_file_of_the_other_kind_is_one_line(
     write_card(url, as_card.__class__(**{**as_card.__dict__, "score": ScoreConfig(normalise="position")}))
     with pytest.raises(ValueError, match=r"n?ormaliser-.*not a position normaliser file"):
         load_normaliser(url, read_card(url))
+    position = PositionStats(np.ones((4, 5), np.float32), np.full((4, 5), 0.5, np.float32))
+    pair = FeaturePositionStats(stats, position)
+    name, sha = save_normaliser(url, pair)
+    write_card(url, as_card.__class__(**{**as_card.__dict__, "normaliser": name, "normaliser_sha256": sha,
+                                         "score": ScoreConfig(normalise="features+position")}))
+    loaded = load_model(url).normaliser
+    assert isinstance(loaded, FeaturePositionStats)
+    np.testing.assert_array_equal(loaded.features.whiten, stats.whiten)
+    np.testing.assert_array_equal(loaded.position.std, pair.position.std)
     bad = FeatureStats(np.full(N_FEATURES, np.nan), np.eye(N_FEATURES))
     name, sha = save_normaliser(url, bad)
-    write_card(url, as_card.__class__(**{**as_card.__dict__, "normaliser": name, "normaliser_sha256": sha}))
+    write_card(url, as_card.__class__(**{**as_card.__dict__, "normaliser": name, "normaliser_sha256": sha,
+                                         "score": ScoreConfig(normalise="features")}))
     with pytest.raises(ValueError, match="malformed"):
         load_normaliser(url, read_card(url))
 

@@ -9,7 +9,7 @@ import torch
 
 from ray_inspect.config import InspectConfig, ModelConfig, ScoreConfig
 from ray_inspect.core.model import build_model
-from ray_inspect.core.scoring import N_FEATURES, FeatureStats, local_features
+from ray_inspect.core.scoring import N_FEATURES, FeaturePositionStats, FeatureStats, local_features
 from ray_inspect.io.artifact import ModelCard, load_model, save_model
 from ray_inspect.io.datasets import defect_free
 from ray_inspect.io.images import read_image
@@ -61,6 +61,19 @@ def test_feature_normalisation_is_learned_from_the_validation_images_raw_residua
     feats = np.concatenate([local_features(g, m.residual).reshape(-1, N_FEATURES)
                             for g, m in zip(greys, raw, strict=True)])
     np.testing.assert_allclose(stats.mean, feats.mean(0, dtype=np.float64), rtol=1e-4, atol=1e-7)
+    opened = np.concatenate([m.opened.ravel() for m in _maps(model_url, dataset, stats=stats)])
+    assert 0.04 <= (opened > card.threshold).mean() <= 0.05
+
+def test_features_then_position_learns_the_position_statistics_of_the_feature_score(dataset, model_url):
+    calibrate(model_url, dataset, fpr=0.05, cfg=FAST, score=ScoreConfig(3.0, "features"))
+    features = load_model(model_url).normaliser
+    distances = [m.residual for m in _maps(model_url, dataset, stats=features)]   # the smoothed distance
+    calibrate(model_url, dataset, fpr=0.05, cfg=FAST, score=ScoreConfig(3.0, "features+position"))
+    model = load_model(model_url)
+    card, stats = model.card, model.normaliser
+    assert isinstance(stats, FeaturePositionStats) and card.score_range == (0.0, 64.0)
+    np.testing.assert_array_equal(stats.features.whiten, features.whiten)
+    np.testing.assert_allclose(stats.position.mean, np.mean(distances, axis=0), rtol=1e-4, atol=1e-5)
     opened = np.concatenate([m.opened.ravel() for m in _maps(model_url, dataset, stats=stats)])
     assert 0.04 <= (opened > card.threshold).mean() <= 0.05
 

@@ -11,6 +11,7 @@ from ray_inspect.core.model import build_model
 from ray_inspect.core.scoring import (
     JET_SCALES,
     N_FEATURES,
+    FeaturePositionStats,
     FeatureStats,
     PositionStats,
     Scorer,
@@ -134,7 +135,7 @@ def test_feature_score_in_blocks_of_rows_equals_the_whole_computation():
 
 
 @pytest.mark.parametrize("sigma,normalise", [(4.0, "none"), (2.0, "position"), (0.0, "position"),
-                                             (3.0, "features")])
+                                             (3.0, "features"), (3.0, "features+position")])
 def test_bands_equal_the_whole_image_with_smoothing_and_normalisation(sigma, normalise):
     rng = np.random.default_rng(4)
     h, w = 420, 333
@@ -150,7 +151,8 @@ def test_bands_equal_the_whole_image_with_smoothing_and_normalisation(sigma, nor
         card = ModelCard(model=cfg, resize=None, threshold=0.5 if normalise == "none" else 1.0,
                          score=ScoreConfig(sigma, normalise))
         return Inspector(build_model(cfg), card, InspectConfig(precision="float32", region_pixels=region),
-                         stats={"position": stats, "features": features}.get(normalise))
+                         stats={"position": stats, "features": features,
+                                "features+position": FeaturePositionStats(features, stats)}.get(normalise))
 
     whole = inspector(1 << 30).inspect(img, "k")
     banded_insp = inspector(30_000)
@@ -164,12 +166,12 @@ def test_bands_equal_the_whole_image_with_smoothing_and_normalisation(sigma, nor
     expected = residual
     if sigma:
         expected = ndi.gaussian_filter(residual.astype(np.float64), sigma, mode="reflect", truncate=4.0)
-    if normalise == "features":
+    if normalise.startswith("features"):
         f = _reference_features(img / 255.0, residual).reshape(-1, N_FEATURES) - features.mean
         inv = features.whiten.T @ features.whiten
         distance = np.minimum(np.sqrt(np.einsum("ij,jk,ik->i", f, inv, f)), Z_MAX).reshape(h, w)
         expected = ndi.gaussian_filter(distance, sigma, mode="reflect", truncate=4.0)
-    elif normalise == "position":
+    if normalise.endswith("position"):
         mean = cv2.resize(stats.mean, (w, h), interpolation=cv2.INTER_LINEAR)
         std = cv2.resize(stats.std, (w, h), interpolation=cv2.INTER_LINEAR)
         expected = np.clip((expected - mean) / std, 0, Z_MAX)
