@@ -314,7 +314,8 @@ def _with(options):
                    "0 = the paper.")
 @click.option("--normalise", type=click.Choice(NORMALISERS), default=ScoreConfig.normalise, show_default=True,
               help="position: score each pixel against the validation images' residual at that position; "
-                   "features: by how unusual its local image structure and residual are (docs/method.md).")
+                   "features: by how unusual its local image structure and residual are; features+position: "
+                   "that, as a z-score at each position (aligned parts; docs/method.md).")
 @_with(inspect_options)
 @click.option("--json", "as_json", is_flag=True)
 def calibrate(model, images, min_area, fpr, smooth_sigma, normalise,  # noqa: PLR0913 - one argument per click option
