@@ -49,8 +49,11 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
             progress(url)
     if not maps:
         raise ValueError(f"{images}: none of the validation images could be read")
-    stats = _fit(score, [m.residual for m in maps], greys)
-    opened = [m.opened for m in maps] if stats is None else _normalised(maps, greys, score, stats, cfg)
+    if score.normalise == "none":
+        stats, opened = None, [m.opened for m in maps]
+    else:
+        stats, scores = _fit(score, [m.residual for m in maps], greys)
+        opened = [open_residual(s, cfg.opening_diameter) for s in scores]
     if min_area is not None:
         t = threshold_for_min_area(opened, min_area)
         rule = {"rule": "min_area", "min_area": min_area}
@@ -69,27 +72,23 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
             "score": {"smooth_sigma": score.smooth_sigma, "normalise": score.normalise}}
 
 
-def _fit(score: ScoreConfig, residuals: list[np.ndarray], greys: list[np.ndarray]) -> Stats | None:
+def _fit(score: ScoreConfig, residuals: list[np.ndarray], greys: list[np.ndarray]) -> tuple[Stats, list]:
+    """The statistics ``score`` needs, learned from the validation maps (smoothed residuals for
+    position normalisation, raw ones for features), and each map's score as the scan computes it.
+    Features+position learns its position statistics from the feature scores, then z-scores them."""
     if score.normalise == "position":
-        return PositionStats.fit(residuals)
-    if score.normalise == "none":
-        return None
+        stats = PositionStats.fit(residuals)
+        return stats, _apply(Scorer(ScoreConfig(0.0, "position"), stats), residuals)
     features = FeatureStats.fit(greys, residuals)
+    distances = _apply(Scorer(ScoreConfig(score.smooth_sigma, "features"), features), residuals, greys)
     if score.normalise == "features":
-        return features
-    scorer = Scorer(ScoreConfig(score.smooth_sigma, "features"), features)    # then its position statistics
-    distances = [scorer(r, (0, r.shape[0]), r.shape, g) for r, g in zip(residuals, greys, strict=True)]
-    return FeaturePositionStats(features, PositionStats.fit(distances))
+        return features, distances
+    position = PositionStats.fit(distances)
+    return FeaturePositionStats(features, position), _apply(Scorer(ScoreConfig(0.0, "position"), position),
+                                                            distances)
 
 
-def _normalised(maps: list, greys: list[np.ndarray], score: ScoreConfig, stats: Stats,
-                cfg: InspectConfig) -> list[np.ndarray]:
-    """The opened, normalised score of each validation map, as the scan computes it (position
-    statistics were learned from maps already smoothed; feature statistics from raw residuals)."""
-    scorer = Scorer(score if greys else replace(score, smooth_sigma=0.0), stats)
-    out = []
-    for i, m in enumerate(maps):
-        h = m.residual.shape[0]
-        grey = greys[i] if greys else None
-        out.append(open_residual(scorer(m.residual, (0, h), m.residual.shape, grey), cfg.opening_diameter))
-    return out
+def _apply(scorer: Scorer, maps: list[np.ndarray], greys: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """``scorer`` over whole maps (with their grey images where it needs them)."""
+    greys = greys if greys is not None else [None] * len(maps)
+    return [scorer(m, (0, m.shape[0]), m.shape, g) for m, g in zip(maps, greys, strict=True)]
