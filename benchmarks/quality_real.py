@@ -33,7 +33,8 @@ TRAININGS = {
 }
 # Ablation rows: (name, training recipe, calibrate's score options).
 ROWS = {
-    "recommended": ("cosine", ["--smooth-sigma", "3", "--normalise", "features"]),
+    "recommended": ("cosine", ["--smooth-sigma", "3", "--normalise", "features", "--adapt-contrast", "0.5"]),
+    "schedule+smoothing+features": ("cosine", ["--smooth-sigma", "3", "--normalise", "features"]),
     "schedule+smoothing": ("cosine", ["--smooth-sigma", "4"]),
     "schedule+smoothing+position": ("cosine", ["--smooth-sigma", "4", "--normalise", "position"]),
     "schedule": ("cosine", []),
@@ -41,6 +42,7 @@ ROWS = {
     "smoothing": ("paper", ["--smooth-sigma", "4"]),
     "position": ("paper", ["--normalise", "position"]),
     "features": ("paper", ["--normalise", "features"]),
+    "features+contrast": ("paper", ["--normalise", "features", "--adapt-contrast", "0.5"]),
     "schedule+smoothing+features+position": ("cosine",
                                              ["--smooth-sigma", "3", "--normalise", "features+position"]),
     "flips": ("flips", []),

@@ -316,19 +316,28 @@ def _with(options):
               help="position: score each pixel against the validation images' residual at that position; "
                    "features: by how unusual its local image structure and residual are; features+position: "
                    "that, as a z-score at each position (aligned parts; docs/method.md).")
+@click.option("--adapt-contrast", type=click.FloatRange(0, 1), default=ScoreConfig.adapt_contrast,
+              show_default=True,
+              help="With feature normalisation: how far each image's own contrast rescales its features "
+                   "(0 off, 1 fully; items or lighting that vary from image to image).")
 @_with(inspect_options)
 @click.option("--json", "as_json", is_flag=True)
-def calibrate(model, images, min_area, fpr, smooth_sigma, normalise,  # noqa: PLR0913 - one argument per click option
+def calibrate(model, images, min_area, fpr, smooth_sigma, normalise, adapt_contrast,  # noqa: PLR0913 - one argument per click option
               stride, precision, batch_size, max_pixels, as_json):
     """Set MODEL's score and threshold from defect-free IMAGES (ROOT/validation/good or a folder)."""
     from ray_inspect.steps.calibrate import calibrate as run
 
     if (min_area is None) == (fpr is None):
         raise click.UsageError("give exactly one of --min-area or --fpr")
-    score = ScoreConfig(smooth_sigma=smooth_sigma, normalise=normalise)
+    try:
+        score = ScoreConfig(smooth_sigma=smooth_sigma, normalise=normalise, adapt_contrast=adapt_contrast)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     cfg = _inspect_cfg(stride, precision, batch_size, max_pixels)
     res = run(model, images, min_area, fpr, cfg, score=score)
     how = "paper residual" if score.is_paper else f"smooth_sigma {smooth_sigma:g}, normalise {normalise}"
+    if adapt_contrast:
+        how += f", adapt_contrast {adapt_contrast:g}"
     _emit(res, as_json, f"{model}: threshold {res['threshold']:.5g} ({res['rule']}, {res['images']} images; "
                         f"{how})")
 

@@ -126,16 +126,24 @@ class ScoreConfig:
     distance of each pixel's local image structure and residual from those of the defect-free
     images (learned by calibrate, then smoothed by ``smooth_sigma``), clipped likewise;
     "features+position" takes the z-score of that distance at each position (aligned parts).
+    ``adapt_contrast`` (features only, 0 = off, 1 = full): how far each image's own spread of the
+    image features rescales them towards the calibration images' (items or lighting that vary).
     """
 
     smooth_sigma: float = 0.0
     normalise: str = "none"
+    adapt_contrast: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.smooth_sigma <= 32:
             raise ValueError(f"smoothing sigma must be in [0, 32] px, not {self.smooth_sigma}")
         if self.normalise not in NORMALISERS:
             raise ValueError(f"normalise must be one of {', '.join(NORMALISERS)}, not {self.normalise!r}")
+        if not 0 <= self.adapt_contrast <= 1:
+            raise ValueError(f"contrast adaptation must be in [0, 1], not {self.adapt_contrast}")
+        if self.adapt_contrast and not self.normalise.startswith("features"):
+            raise ValueError("contrast adaptation works on feature normalisation (normalise features or "
+                             "features+position)")
 
     @property
     def is_paper(self) -> bool:

@@ -6,12 +6,15 @@ what defect-free images leave at each position (aligned parts: edges, printing, 
 z-score against statistics learned by calibration. Feature normalisation scores each pixel by how
 unlikely its local structure (Gaussian-derivative responses of the image at four scales, and the
 residual) is under a Gaussian fitted to defect-free images: a texture's normal variation, however
-strong, is expected; a crack's line is not. All work on bands of rows exactly as on the whole map
-(the band's halo covers the filters' radius).
+strong, is expected; a crack's line is not. Contrast adaptation lets each image's own spread of
+those responses (a coarser or a smoother item, a brighter lamp) move the Gaussian part of the way
+towards it. All work on bands of rows exactly as on the whole map (the band's halo covers the
+filters' radius).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +24,9 @@ from ray_inspect.config import Z_MAX, ScoreConfig
 JET_SCALES = (1.0, 2.0, 4.0, 8.0)   # Gaussian-derivative scales of the feature normalisation (px)
 RESIDUAL_SIGMA = 2.0                 # the residual enters the features smoothed at this sigma
 N_FEATURES = 3 * len(JET_SCALES) + 1
+N_IMAGE_FEATURES = N_FEATURES - 1    # all but the residual
+CONTRAST_STRIDE = 4                  # an image's contrast is measured on every 4th pixel of every 4th row
+CONTRAST_RATIO = (0.1, 10.0)         # an image's contrast over the calibration images' is clipped to this
 
 
 def smoothing_radius(sigma: float) -> int:
@@ -77,6 +83,47 @@ def local_features(image: np.ndarray, residual: np.ndarray) -> np.ndarray:
 
 
 FEATURE_HALO = smoothing_radius(max(*JET_SCALES, RESIDUAL_SIGMA))
+
+
+def image_feature_samples(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """``local_features(image, ...)[ys][:, xs]`` without the residual: (len(ys), len(xs),
+    N_IMAGE_FEATURES). Filters along x only the rows it keeps, so sparse rows cost far less."""
+    one = np.ones(1, np.float32)
+    out = np.empty((len(ys), len(xs), N_IMAGE_FEATURES), np.float32)
+    for i, s in enumerate(JET_SCALES):
+        g0, g1, g2 = (gaussian_kernel(s, k) for k in (0, 1, 2))
+        y0, y1, y2 = (_separable(image, g, one)[ys] for g in (g0, g1, g2))    # filtered along y
+
+        def along_x(rows, k):
+            return _separable(rows, one, k)[:, xs]
+
+        hyy, hxx, hxy = along_x(y2, g0), along_x(y0, g2), along_x(y1, g1)
+        gy, gx = along_x(y1, g0), along_x(y0, g1)
+        half_trace = 0.5 * (hxx + hyy)
+        spread = np.sqrt(0.25 * (hxx - hyy) ** 2 + hxy**2)
+        out[..., 3 * i] = s * s * (half_trace + spread)
+        out[..., 3 * i + 1] = s * s * (half_trace - spread)
+        out[..., 3 * i + 2] = s * np.hypot(gy, gx)
+    return out
+
+
+def image_contrast(grey_rows: Callable[[int, int], np.ndarray], height: int, width: int,
+                   chunk_pixels: int = 1 << 18) -> np.ndarray:
+    """The image's spread of each image feature: 1.4826 x the median absolute deviation over a grid
+    of every CONTRAST_STRIDE-th pixel (robust to a defect covering part of it). ``grey_rows(a, b)``
+    gives rows [a, b) of the grey image, so a large image is read a block at a time."""
+    xs = np.arange(CONTRAST_STRIDE // 2, width, CONTRAST_STRIDE)
+    ys = np.arange(CONTRAST_STRIDE // 2, height, CONTRAST_STRIDE)
+    step = max(CONTRAST_STRIDE, chunk_pixels // max(width, 1))
+    samples = []
+    for r0 in range(0, height, step):
+        picked = ys[(ys >= r0) & (ys < r0 + step)]
+        if len(picked):
+            c0, c1 = max(0, r0 - FEATURE_HALO), min(height, r0 + step + FEATURE_HALO)
+            block = np.asarray(grey_rows(c0, c1), np.float32)
+            samples.append(image_feature_samples(block, picked - c0, xs).reshape(-1, N_IMAGE_FEATURES))
+    f = np.ascontiguousarray(np.concatenate(samples).T, np.float64)        # (N_IMAGE_FEATURES, samples)
+    return 1.4826 * np.median(np.abs(f - np.median(f, axis=1, keepdims=True)), axis=1)
 
 
 def feature_blocks(image: np.ndarray, residual: np.ndarray, chunk_pixels: int = 1 << 20):
@@ -143,38 +190,78 @@ class PositionStats:
 @dataclass(frozen=True)
 class FeatureStats:
     """A Gaussian of defect-free pixels' ``local_features``: their mean and the whitening matrix
-    (the inverse Cholesky factor of their covariance), so the score is a Mahalanobis distance."""
+    (the inverse Cholesky factor of their covariance), so the score is a Mahalanobis distance.
+
+    With contrast adaptation (``adapt`` > 0) every image's features are first divided by
+    (its ``image_contrast`` / ``reference``) ** adapt, ``reference`` being the calibration
+    images' median contrast: 0 keeps one Gaussian for all, 1 rescales each image to the reference."""
 
     mean: np.ndarray     # (N_FEATURES,) float64
     whiten: np.ndarray   # (N_FEATURES, N_FEATURES) float64, lower triangular
+    adapt: float = 0.0
+    reference: np.ndarray | None = None   # (N_IMAGE_FEATURES,) float64, with adapt > 0
 
     @classmethod
-    def fit(cls, images: list[np.ndarray], residuals: list[np.ndarray]) -> FeatureStats:
-        """Exact mean and covariance over every pixel of the defect-free images (float64 sums);
-        a ridge of 1e-6 of the mean variance keeps a feature that never varied invertible."""
-        n, total, outer = 0, np.zeros(N_FEATURES), np.zeros((N_FEATURES, N_FEATURES))
+    def fit(cls, images: list[np.ndarray], residuals: list[np.ndarray], adapt: float = 0.0) -> FeatureStats:
+        """Exact mean and covariance over every pixel of the defect-free images (float64 sums per
+        image, rescaled by each image's adaptation); a ridge of 1e-6 of the mean variance keeps a
+        feature that never varied invertible."""
+        n, sums, contrasts = 0, [], []
         for image, residual in zip(images, residuals, strict=True):
+            total, outer = np.zeros(N_FEATURES), np.zeros((N_FEATURES, N_FEATURES))
             for _, block in feature_blocks(image, residual):
                 f = block.reshape(-1, N_FEATURES).astype(np.float64)
                 n, total, outer = n + len(f), total + f.sum(0), outer + f.T @ f
+            sums.append((total, outer))
+            if adapt > 0:
+                contrasts.append(image_contrast(_rows_of(image), *image.shape))
+        reference = np.maximum(np.median(contrasts, axis=0), 1e-12) if adapt > 0 else None
+        total, outer = np.zeros(N_FEATURES), np.zeros((N_FEATURES, N_FEATURES))
+        for i, (t, o) in enumerate(sums):
+            a = _factors(contrasts[i], reference, adapt).astype(float) if contrasts else np.ones(N_FEATURES)
+            total, outer = total + a * t, outer + o * np.outer(a, a)
         mean = total / n
         cov = outer / n - np.outer(mean, mean)
         cov += np.eye(N_FEATURES) * max(1e-6 * float(np.trace(cov)) / N_FEATURES, 1e-12)
-        return cls(mean, np.linalg.inv(np.linalg.cholesky(cov)))
+        return cls(mean, np.linalg.inv(np.linalg.cholesky(cov)), adapt, reference)
 
-    def distance(self, features: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of each pixel's features, clipped to [0, Z_MAX]."""
-        centred = features.reshape(-1, N_FEATURES) - self.mean.astype(np.float32)
-        z = centred @ self.whiten.T.astype(np.float32)
+    def factors(self, contrast: np.ndarray | None) -> np.ndarray | None:
+        """What one image's features are multiplied by (None without adaptation)."""
+        if self.adapt <= 0:
+            return None
+        if contrast is None:
+            raise ValueError("contrast adaptation needs the image's contrast")
+        return _factors(contrast, self.reference, self.adapt)
+
+    def distance(self, features: np.ndarray, factors: np.ndarray | None = None) -> np.ndarray:
+        """Mahalanobis distance of each pixel's features (times ``factors``), clipped to [0, Z_MAX]."""
+        f = features.reshape(-1, N_FEATURES)
+        if factors is not None:
+            f = f * factors
+        z = (f - self.mean.astype(np.float32)) @ self.whiten.T.astype(np.float32)
         d = np.sqrt(np.einsum("ij,ij->i", z, z))
         return np.minimum(d, Z_MAX).reshape(features.shape[:-1]).astype(np.float32)
 
-    def score(self, image: np.ndarray, residual: np.ndarray, chunk_pixels: int = 1 << 20) -> np.ndarray:
-        """``distance(local_features(image, residual))`` in blocks of rows (``feature_blocks``)."""
+    def score(self, image: np.ndarray, residual: np.ndarray, contrast: np.ndarray | None = None,
+              chunk_pixels: int = 1 << 20) -> np.ndarray:
+        """``distance(local_features(image, residual))`` in blocks of rows (``feature_blocks``);
+        ``contrast`` is the whole image's (``image_contrast``) when the statistics adapt to it."""
+        factors = self.factors(contrast)
         out = np.empty(residual.shape, np.float32)
         for (r0, r1), block in feature_blocks(image, residual, chunk_pixels):
-            out[r0:r1] = self.distance(block)
+            out[r0:r1] = self.distance(block, factors)
         return out
+
+
+def _rows_of(image: np.ndarray) -> Callable[[int, int], np.ndarray]:
+    return lambda a, b: image[a:b]
+
+
+def _factors(contrast: np.ndarray, reference: np.ndarray, adapt: float) -> np.ndarray:
+    """(contrast / reference) ** -adapt per image feature, the ratio clipped to CONTRAST_RATIO;
+    1 for the residual."""
+    ratio = np.clip(np.maximum(contrast, 1e-12) / reference, *CONTRAST_RATIO)
+    return np.append(ratio ** -adapt, 1.0).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -201,16 +288,24 @@ class Scorer:
         pair = stats if isinstance(stats, FeaturePositionStats) else None
         self.features = pair.features if pair else (stats if isinstance(stats, FeatureStats) else None)
         self.position = pair.position if pair else (stats if isinstance(stats, PositionStats) else None)
+        if self.features is not None and self.features.adapt != cfg.adapt_contrast:
+            raise ValueError(f"the statistics were learned with contrast adaptation {self.features.adapt:g}, "
+                             f"the score asks for {cfg.adapt_contrast:g}")
         self.halo = smoothing_radius(cfg.smooth_sigma) + (FEATURE_HALO if self.needs_image else 0)
 
     def __call__(self, residual: np.ndarray, rows: tuple[int, int], shape: tuple[int, int],
-                 image: np.ndarray | None = None) -> np.ndarray:
+                 image: np.ndarray | None = None, contrast: np.ndarray | None = None) -> np.ndarray:
         """Score of ``residual``, which holds rows ``rows`` of an image of ``shape`` (H, W);
-        feature normalisation also needs those rows of the (grey) image."""
+        feature normalisation also needs those rows of the (grey) image, and contrast adaptation
+        the whole image's ``image_contrast`` (measured here when the rows are the whole image)."""
         if self.features is not None:
             if image is None or image.shape != residual.shape:
                 raise ValueError("feature normalisation needs the image rows of the residual")
-            score = smooth(self.features.score(image, residual), self.cfg.smooth_sigma)
+            if self.needs_contrast and contrast is None:
+                if tuple(rows) != (0, shape[0]):
+                    raise ValueError("contrast adaptation of a band needs the whole image's contrast")
+                contrast = image_contrast(_rows_of(image), *image.shape)
+            score = smooth(self.features.score(image, residual, contrast), self.cfg.smooth_sigma)
         else:
             score = smooth(residual, self.cfg.smooth_sigma)
         if self.position is not None:
@@ -221,6 +316,10 @@ class Scorer:
     @property
     def needs_image(self) -> bool:
         return self.cfg.normalise.startswith("features")
+
+    @property
+    def needs_contrast(self) -> bool:
+        return self.cfg.adapt_contrast > 0
 
     def score_range(self, residual_range: tuple[float, float]) -> tuple[float, float]:
         return (0.0, Z_MAX) if self.cfg.normalise != "none" else residual_range

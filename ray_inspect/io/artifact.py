@@ -22,7 +22,14 @@ from torch import nn
 
 from ray_inspect.config import MAX_SCALE, ModelConfig, ScoreConfig, from_dict
 from ray_inspect.core.model import AlexNetFeatures, build_model
-from ray_inspect.core.scoring import N_FEATURES, FeaturePositionStats, FeatureStats, PositionStats, Stats
+from ray_inspect.core.scoring import (
+    N_FEATURES,
+    N_IMAGE_FEATURES,
+    FeaturePositionStats,
+    FeatureStats,
+    PositionStats,
+    Stats,
+)
 from ray_inspect.io import storage
 from ray_inspect.io.images import scaled_shape
 
@@ -107,7 +114,10 @@ class ModelCard:
         """Identity of the model and the settings that change its outputs."""
         key = [self.weights_sha256, self.resize, self.source_size, self.threshold, asdict(self.model)]
         if self.scale is not None or not self.score.is_paper:   # older cards keep their fingerprint
-            key += [self.scale, asdict(self.score), self.normaliser_sha256]
+            score = asdict(self.score)
+            if not score["adapt_contrast"]:
+                del score["adapt_contrast"]
+            key += [self.scale, score, self.normaliser_sha256]
         key = json.dumps(key, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -226,6 +236,8 @@ def save_normaliser(url: str, stats: Stats) -> tuple[str, str]:
     arrays = {}
     if isinstance(features, FeatureStats):
         arrays.update(feature_mean=features.mean, whiten=features.whiten)
+        if features.adapt > 0:
+            arrays.update(adapt=np.float64(features.adapt), contrast_reference=features.reference)
     if isinstance(position, PositionStats):
         arrays.update(mean=position.mean, std=position.std)
     np.savez(buf, **arrays)
@@ -255,19 +267,27 @@ def load_normaliser(url: str, card: ModelCard) -> Stats | None:
             "features+position": ("feature_mean", "whiten", "mean", "std")}.get(kind, ())
     if not keys or not all(k in arrays for k in keys):
         raise ValueError(f"{path}: not a {kind} normaliser file (it holds {', '.join(sorted(arrays))})")
-    features = _feature_stats(path, arrays) if "whiten" in keys else None
+    features = _feature_stats(path, arrays, card.score.adapt_contrast) if "whiten" in keys else None
     position = _position_stats(path, arrays) if "std" in keys else None
     if features is not None and position is not None:
         return FeaturePositionStats(features, position)
     return features or position
 
 
-def _feature_stats(path: str, arrays: dict[str, np.ndarray]) -> FeatureStats:
+def _feature_stats(path: str, arrays: dict[str, np.ndarray], adapt: float) -> FeatureStats:
     mean, whiten = arrays["feature_mean"].astype(np.float64), arrays["whiten"].astype(np.float64)
     if mean.shape != (N_FEATURES,) or whiten.shape != (N_FEATURES, N_FEATURES) \
             or not (np.isfinite(mean).all() and np.isfinite(whiten).all()):
         raise ValueError(f"{path}: feature statistics are malformed")
-    return FeatureStats(mean, whiten)
+    stored = arrays.get("adapt", np.float64(0.0))
+    if np.shape(stored) != () or float(stored) != adapt:
+        raise ValueError(f"{path}: learned with contrast adaptation {stored}, the card says {adapt:g}")
+    if not adapt:
+        return FeatureStats(mean, whiten)
+    reference = arrays.get("contrast_reference", np.zeros(0)).astype(np.float64)
+    if reference.shape != (N_IMAGE_FEATURES,) or not (np.isfinite(reference).all() and (reference > 0).all()):
+        raise ValueError(f"{path}: contrast reference is malformed")
+    return FeatureStats(mean, whiten, adapt, reference)
 
 
 def _position_stats(path: str, arrays: dict[str, np.ndarray]) -> PositionStats:

@@ -7,7 +7,7 @@ images.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Callable
 
 import numpy as np
@@ -69,7 +69,7 @@ def calibrate(model_url: str, images: str, min_area: int | None = None, fpr: flo
             card = replace(card, normaliser=name, normaliser_sha256=sha)
         write_card(model_url, card)
     return {"threshold": t, **rule, "errors": errors,
-            "score": {"smooth_sigma": score.smooth_sigma, "normalise": score.normalise}}
+            "score": asdict(score)}
 
 
 def _fit(score: ScoreConfig, residuals: list[np.ndarray], greys: list[np.ndarray]) -> tuple[Stats, list]:
@@ -79,8 +79,9 @@ def _fit(score: ScoreConfig, residuals: list[np.ndarray], greys: list[np.ndarray
     if score.normalise == "position":
         stats = PositionStats.fit(residuals)
         return stats, _apply(Scorer(ScoreConfig(0.0, "position"), stats), residuals)
-    features = FeatureStats.fit(greys, residuals)
-    distances = _apply(Scorer(ScoreConfig(score.smooth_sigma, "features"), features), residuals, greys)
+    features = FeatureStats.fit(greys, residuals, score.adapt_contrast)
+    distances = _apply(Scorer(ScoreConfig(score.smooth_sigma, "features", score.adapt_contrast), features),
+                       residuals, greys)
     if score.normalise == "features":
         return features, distances
     position = PositionStats.fit(distances)

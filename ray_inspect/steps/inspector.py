@@ -19,7 +19,7 @@ from torch import nn
 
 from ray_inspect.config import InspectConfig, SSIMConfig
 from ray_inspect.core.inference import Reconstructor, prepare_model, to_chw
-from ray_inspect.core.scoring import Scorer, Stats
+from ray_inspect.core.scoring import Scorer, Stats, image_contrast
 from ray_inspect.core.segmentation import open_residual, segment
 from ray_inspect.core.tiling import Band, plan_bands
 from ray_inspect.io.artifact import ModelCard
@@ -165,6 +165,7 @@ class Inspector:
         grid = rec.grid(h, w)
         d = self.cfg.opening_diameter
         margin = d + self.scorer.halo
+        contrast = self._contrast(pixels) if self.scorer.needs_contrast else None
         for band in plan_bands(grid, h, band_rows, margin, SSIMConfig().window // 2, self.cfg.batch_size):
             t0 = time.perf_counter()
             i0, i1 = band.input_rows
@@ -172,18 +173,24 @@ class Inspector:
             recon, nll = rec.run_band(x, grid, band, key=seed)
             c0, c1 = band.recon_rows
             tiles = (band.grid_rows[1] - band.grid_rows[0]) * len(grid.xs)
-            yield self._finish(band, x[:, c0 - i0 : c1 - i0], recon, nll, keep_opened, tiles, t0)
+            yield self._finish(band, x[:, c0 - i0 : c1 - i0], recon, nll, keep_opened, tiles, t0, contrast)
 
-    def _finish(self, band: Band, x: torch.Tensor, recon: torch.Tensor, nll: torch.Tensor | None,
-                keep_opened: bool, tiles: int, t0: float) -> BandResult:
+    def _contrast(self, pixels: np.ndarray) -> np.ndarray:
+        """The whole image's contrast for a banded scan, read a block of rows at a time."""
+        channels = self.card.model.channels
+        h, w = pixels.shape[:2]
+        return image_contrast(lambda a, b: _grey(to_chw(to_float(pixels[a:b], channels))), h, w)
+
+    def _finish(self, band: Band, x: torch.Tensor, recon: torch.Tensor, nll: torch.Tensor | None,  # noqa: PLR0913 - one band's tensors and bookkeeping
+                keep_opened: bool, tiles: int, t0: float, contrast: np.ndarray | None = None) -> BandResult:
         """Residual of the band's reconstructed rows (``x`` and ``recon`` hold ``band.recon_rows``),
         its score, then the opening and the mask of its output rows."""
         t1 = time.perf_counter()
         residual = self.reconstructor.residual(x, recon, nll).cpu().numpy()
         (r0, r1), c0 = band.residual_rows, band.recon_rows[0]
-        image = x[:, r0 - c0 : r1 - c0].mean(dim=0).cpu().numpy() if self.scorer.needs_image else None
+        image = _grey(x[:, r0 - c0 : r1 - c0]) if self.scorer.needs_image else None
         shape = (band.image_rows, residual.shape[-1])
-        residual = self.scorer(residual[r0 - c0 : r1 - c0], (r0, r1), shape, image)
+        residual = self.scorer(residual[r0 - c0 : r1 - c0], (r0, r1), shape, image, contrast)
         t2 = time.perf_counter()
         d = self.cfg.opening_diameter
         opened = open_residual(residual, d) if keep_opened else None
@@ -207,6 +214,11 @@ class Inspector:
 
         tiles = sum(p.tiles for p in parts)
         return ImageResult(key, cat("residual"), cat("opened"), cat("mask"), tiles, timings)
+
+
+def _grey(x: torch.Tensor) -> np.ndarray:
+    """(C, H, W) -> the (H, W) grey image the feature normalisation sees: the channels' mean."""
+    return x.mean(dim=0).cpu().numpy()
 
 
 def _key_seed(key: str) -> int:

@@ -55,6 +55,13 @@ def test_not_a_model_is_one_line(tmp_path):
     assert res.exit_code == 2 and "not a model directory" in res.stderr
 
 
+def test_contrast_adaptation_without_feature_normalisation_is_one_line(trained_model, dataset):
+    res = CliRunner().invoke(main, ["calibrate", trained_model, dataset, "--fpr", "0.01",
+                                    "--normalise", "position", "--adapt-contrast", "0.5"])
+    assert res.exit_code == 2 and "contrast adaptation works on feature normalisation" in res.stderr
+    assert "Traceback" not in res.output + res.stderr
+
+
 def test_fm_without_weights(patches, tmp_path):
     res = CliRunner().invoke(main, ["train", patches, str(tmp_path / "m"), "--loss", "fm", "--epochs", "1"])
     assert res.exit_code == 2 and "--alexnet-weights" in res.output + res.stderr

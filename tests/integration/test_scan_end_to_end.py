@@ -129,7 +129,8 @@ def test_scan_metrics_agree_with_sklearn_and_report(ray_session, calibrated, dat
     assert (out / "roc.png").stat().st_size > 1000 and len(list((out / "overlays").iterdir())) == 2
 
 
-@pytest.mark.parametrize("score", [ScoreConfig(4.0, "position"), ScoreConfig(3.0, "features")])
+@pytest.mark.parametrize("score", [ScoreConfig(4.0, "position"),
+                                   ScoreConfig(3.0, "features", adapt_contrast=0.5)])
 def test_a_normalised_score_runs_through_the_ray_scan_as_through_one_process(ray_session, trained_model,
                                                                             dataset, tmp_path, score):
     url = str(tmp_path / "model")

@@ -1,5 +1,6 @@
 """The model card: one scale factor for every image, the score options, the normaliser file."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,7 +10,13 @@ import torch
 
 from ray_inspect.config import ModelConfig, ScoreConfig
 from ray_inspect.core.model import build_model
-from ray_inspect.core.scoring import N_FEATURES, FeaturePositionStats, FeatureStats, PositionStats
+from ray_inspect.core.scoring import (
+    N_FEATURES,
+    N_IMAGE_FEATURES,
+    FeaturePositionStats,
+    FeatureStats,
+    PositionStats,
+)
 from ray_inspect.io.artifact import (
     ModelCard,
     load_model,
@@ -49,6 +56,16 @@ def test_score_options_round_trip_and_change_the_fingerprint():
     assert again == card
     other = ModelCard.from_json(card.to_json().replace('"smooth_sigma": 4.0', '"smooth_sigma": 2.0'))
     assert other.score.smooth_sigma == 2.0 and other.fingerprint != card.fingerprint
+    # a card written before contrast adaptation existed reads as adaptation 0, with its fingerprint
+    features = ModelCard(**{**card.__dict__, "score": ScoreConfig(smooth_sigma=3.0, normalise="features")})
+    older = json.loads(features.to_json())
+    del older["score"]["adapt_contrast"]
+    assert ModelCard.from_json(json.dumps(older)) == features
+    key = [features.weights_sha256, features.resize, features.source_size, features.threshold,
+           json.loads(features.to_json())["model"], 0.5, {"smooth_sigma": 3.0, "normalise": "features"}, "ab"]
+    assert features.fingerprint == hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    adapted = ModelCard(**{**features.__dict__, "score": ScoreConfig(3.0, "features", adapt_contrast=0.5)})
+    assert ModelCard.from_json(adapted.to_json()) == adapted and adapted.fingerprint != features.fingerprint
 
 
 def _small_model(tmp_path) -> tuple[str, ModelCard]:
@@ -105,6 +122,34 @@ def test_feature_statistics_round_trip_and_a_file_of_the_other_kind_is_one_line(
                                          "score": ScoreConfig(normalise="features")}))
     with pytest.raises(ValueError, match="malformed"):
         load_normaliser(url, read_card(url))
+
+
+def test_contrast_adaptation_round_trips_and_must_match_the_card(tmp_path):
+    url, card = _small_model(tmp_path)
+    rng = np.random.default_rng(2)
+    whiten = np.tril(rng.random((N_FEATURES, N_FEATURES))) + np.eye(N_FEATURES)
+    stats = FeatureStats(rng.random(N_FEATURES), whiten, 0.5, 0.1 + rng.random(N_IMAGE_FEATURES))
+
+    def as_card(st, adapt, normalise="features"):
+        name, sha = save_normaliser(url, st)
+        write_card(url, card.__class__(**{**card.__dict__, "normaliser": name, "normaliser_sha256": sha,
+                                          "score": ScoreConfig(3.0, normalise, adapt)}))
+        return read_card(url)
+
+    loaded = load_normaliser(url, as_card(stats, 0.5))
+    assert loaded.adapt == 0.5
+    np.testing.assert_array_equal(loaded.reference, stats.reference)
+    position = PositionStats(np.ones((2, 3)), np.ones((2, 3)))
+    pair = load_normaliser(url, as_card(FeaturePositionStats(stats, position), 0.5, "features+position"))
+    np.testing.assert_array_equal(pair.features.reference, stats.reference)
+    with pytest.raises(ValueError, match=r"normaliser-.*adaptation 0.5, the card says 0$"):
+        load_normaliser(url, as_card(stats, 0.0))
+    plain = FeatureStats(stats.mean, stats.whiten)
+    with pytest.raises(ValueError, match=r"normaliser-.*adaptation 0.0, the card says 0.5$"):
+        load_normaliser(url, as_card(plain, 0.5))
+    bad = FeatureStats(stats.mean, stats.whiten, 0.5, np.zeros(N_IMAGE_FEATURES))
+    with pytest.raises(ValueError, match=r"normaliser-.*contrast reference is malformed$"):
+        load_normaliser(url, as_card(bad, 0.5))
 
 
 @pytest.fixture

@@ -9,7 +9,13 @@ import torch
 
 from ray_inspect.config import InspectConfig, ModelConfig, ScoreConfig
 from ray_inspect.core.model import build_model
-from ray_inspect.core.scoring import N_FEATURES, FeaturePositionStats, FeatureStats, local_features
+from ray_inspect.core.scoring import (
+    N_FEATURES,
+    FeaturePositionStats,
+    FeatureStats,
+    image_contrast,
+    local_features,
+)
 from ray_inspect.io.artifact import ModelCard, load_model, save_model
 from ray_inspect.io.datasets import defect_free
 from ray_inspect.io.images import read_image
@@ -63,6 +69,24 @@ def test_feature_normalisation_is_learned_from_the_validation_images_raw_residua
     np.testing.assert_allclose(stats.mean, feats.mean(0, dtype=np.float64), rtol=1e-4, atol=1e-7)
     opened = np.concatenate([m.opened.ravel() for m in _maps(model_url, dataset, stats=stats)])
     assert 0.04 <= (opened > card.threshold).mean() <= 0.05
+
+def test_contrast_adaptation_is_learned_with_the_feature_statistics(dataset, model_url):
+    score = ScoreConfig(3.0, "features", adapt_contrast=0.5)
+    res = calibrate(model_url, dataset, fpr=0.05, cfg=FAST, score=score)
+    model = load_model(model_url)
+    card, stats = model.card, model.normaliser
+    assert card.score == score and res["score"]["adapt_contrast"] == 0.5 and stats.adapt == 0.5
+    raw = _maps(model_url, dataset, ScoreConfig())
+    greys = [read_image(u) for u in defect_free(dataset)]
+    contrasts = [image_contrast(lambda a, b, g=g: g[a:b], *g.shape) for g in greys]
+    np.testing.assert_allclose(stats.reference, np.median(contrasts, axis=0), rtol=1e-6)
+    feats = np.concatenate([local_features(g, m.residual).reshape(-1, N_FEATURES)
+                            * np.append((c / stats.reference) ** -0.5, 1.0)
+                            for g, m, c in zip(greys, raw, contrasts, strict=True)])
+    np.testing.assert_allclose(stats.mean, feats.mean(0, dtype=np.float64), rtol=1e-4, atol=1e-7)
+    opened = np.concatenate([m.opened.ravel() for m in _maps(model_url, dataset, stats=stats)])
+    assert 0.04 <= (opened > card.threshold).mean() <= 0.05
+
 
 def test_features_then_position_learns_the_position_statistics_of_the_feature_score(dataset, model_url):
     calibrate(model_url, dataset, fpr=0.05, cfg=FAST, score=ScoreConfig(3.0, "features"))

@@ -11,11 +11,14 @@ from ray_inspect.core.model import build_model
 from ray_inspect.core.scoring import (
     JET_SCALES,
     N_FEATURES,
+    N_IMAGE_FEATURES,
     FeaturePositionStats,
     FeatureStats,
     PositionStats,
     Scorer,
     feature_blocks,
+    image_contrast,
+    image_feature_samples,
     local_features,
     resample_rows,
     smooth,
@@ -134,9 +137,99 @@ def test_feature_score_in_blocks_of_rows_equals_the_whole_computation():
     np.testing.assert_allclose(np.concatenate([b for _, b in blocks]), local_features(img, res), atol=1e-6)
 
 
-@pytest.mark.parametrize("sigma,normalise", [(4.0, "none"), (2.0, "position"), (0.0, "position"),
-                                             (3.0, "features"), (3.0, "features+position")])
-def test_bands_equal_the_whole_image_with_smoothing_and_normalisation(sigma, normalise):
+def _reference_contrast(img: np.ndarray) -> np.ndarray:
+    """1.4826 x the median absolute deviation of scipy's image features at every 4th pixel and row."""
+    f = _reference_features(img, img)[2::4, 2::4, :N_IMAGE_FEATURES].reshape(-1, N_IMAGE_FEATURES)
+    return 1.4826 * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
+
+
+@pytest.mark.parametrize("shape", [(90, 130), (18, 40)])       # 18 rows: narrower than the sigma-8 kernel
+def test_image_contrast_is_the_mad_of_the_features_on_a_sparse_grid(shape):
+    rng = np.random.default_rng(8)
+    img = ndi.gaussian_filter(rng.random(shape), 1.2).astype(np.float32)
+    ys, xs = np.array([0, 3, shape[0] - 1]), np.array([1, 7, shape[1] - 2])
+    np.testing.assert_allclose(image_feature_samples(img, ys, xs),
+                               _reference_features(img, img)[ys][:, xs, :N_IMAGE_FEATURES], atol=1e-6)
+    expected = _reference_contrast(img)
+    whole = image_contrast(lambda a, b: img[a:b], *shape)
+    np.testing.assert_allclose(whole, expected, rtol=1e-4)
+    read = []                                                    # a block of rows at a time, 8 rows per block
+    blocks = image_contrast(lambda a, b: read.append((a, b)) or img[a:b], *shape, chunk_pixels=8 * shape[1])
+    np.testing.assert_array_equal(blocks, whole)
+    assert len(read) == len({y // 8 for y in range(2, shape[0], 4)})
+    assert max(b - a for a, b in read) <= min(shape[0], 8 + 2 * 32)   # a block and the sigma-8 halo
+
+
+def _textures(rng: np.random.Generator, gains: list[float]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Smooth noise images of one texture at several contrasts, and residual maps."""
+    base = [ndi.gaussian_filter(rng.random((60, 70)), 1.5) for _ in gains]
+    imgs = [(0.5 + g * (b - b.mean())).astype(np.float32) for g, b in zip(gains, base, strict=True)]
+    return imgs, [rng.random((60, 70)).astype(np.float32) * 0.1 for _ in gains]
+
+
+def test_contrast_adaptation_rescales_each_image_towards_the_median_contrast():
+    rng = np.random.default_rng(9)
+    imgs, res = _textures(rng, [0.5, 1.0, 2.0, 4.0])
+    stats = FeatureStats.fit(imgs, res, adapt=0.5)
+    contrasts = [_reference_contrast(i) for i in imgs]
+    reference = np.median(contrasts, axis=0)
+    np.testing.assert_allclose(stats.reference, reference, rtol=1e-4)
+    factors = [np.append((c / reference) ** -0.5, 1.0) for c in contrasts]
+    x = np.concatenate([_reference_features(i, r).reshape(-1, N_FEATURES) * f
+                        for i, r, f in zip(imgs, res, factors, strict=True)])
+    np.testing.assert_allclose(stats.mean, x.mean(0), rtol=1e-4, atol=1e-7)
+    inv = stats.whiten.T @ stats.whiten
+    np.testing.assert_allclose(inv @ np.cov(x.T, bias=True), np.eye(N_FEATURES), atol=1e-3)
+    probe, probe_res = _textures(rng, [3.0])
+    d = _reference_features(probe[0], probe_res[0]).reshape(-1, N_FEATURES)
+    d = d * np.append((_reference_contrast(probe[0]) / reference) ** -0.5, 1.0) - x.mean(0)
+    naive = np.sqrt(np.einsum("ij,jk,ik->i", d, inv, d)).reshape(60, 70)
+    scorer = Scorer(ScoreConfig(normalise="features", adapt_contrast=0.5), stats)
+    np.testing.assert_allclose(scorer(probe_res[0], (0, 60), (60, 70), probe[0]), np.minimum(naive, Z_MAX),
+                               rtol=2e-3)
+
+
+def test_full_adaptation_scores_an_image_alike_at_any_contrast_and_none_does_not():
+    rng = np.random.default_rng(10)
+    imgs, res = _textures(rng, [0.6, 1.0, 1.5])
+    probe, probe_res = _textures(rng, [1.0])
+
+    def score(adapt, gain):
+        stats = FeatureStats.fit(imgs, res, adapt=adapt)
+        img = (0.5 + gain * (probe[0] - 0.5)).astype(np.float32)
+        return Scorer(ScoreConfig(normalise="features", adapt_contrast=adapt), stats)(
+            probe_res[0], (0, 60), (60, 70), img)
+
+    np.testing.assert_allclose(score(1.0, 3.0), score(1.0, 1.0), rtol=2e-2)   # float32 rounding, whitened
+    assert np.median(score(0.0, 3.0)) > 3 * np.median(score(0.0, 1.0))
+    assert np.median(score(0.5, 1.0)) < np.median(score(0.5, 3.0)) < np.median(score(0.0, 3.0))
+
+
+def test_contrast_adaptation_is_refused_where_it_cannot_apply():
+    rng = np.random.default_rng(11)
+    imgs, res = _textures(rng, [1.0, 2.0])
+    adapted, plain = FeatureStats.fit(imgs, res, adapt=0.5), FeatureStats.fit(imgs, res)
+    with pytest.raises(ValueError, match=r"contrast adaptation must be in \[0, 1\]"):
+        ScoreConfig(normalise="features", adapt_contrast=1.5)
+    with pytest.raises(ValueError, match="works on feature normalisation"):
+        ScoreConfig(normalise="position", adapt_contrast=0.5)
+    with pytest.raises(ValueError, match="learned with contrast adaptation 0.5, the score asks for 0"):
+        Scorer(ScoreConfig(normalise="features"), adapted)
+    with pytest.raises(ValueError, match="learned with contrast adaptation 0, the score asks for 0.5"):
+        Scorer(ScoreConfig(normalise="features", adapt_contrast=0.5), plain)
+    scorer = Scorer(ScoreConfig(normalise="features", adapt_contrast=0.5), adapted)
+    with pytest.raises(ValueError, match="band needs the whole image's contrast"):
+        scorer(res[0][10:40], (10, 40), (60, 70), imgs[0][10:40])
+    contrast = image_contrast(lambda a, b: imgs[0][a:b], 60, 70)
+    band = scorer(res[0][10:40], (10, 40), (60, 70), imgs[0][10:40], contrast)
+    again = Scorer(ScoreConfig(normalise="features", adapt_contrast=0.5), adapted)
+    np.testing.assert_array_equal(band, again(res[0][10:40], (10, 40), (60, 70), imgs[0][10:40], contrast))
+
+
+@pytest.mark.parametrize("sigma,normalise,adapt", [(4.0, "none", 0), (2.0, "position", 0),
+                                                   (0.0, "position", 0), (3.0, "features", 0),
+                                                   (3.0, "features+position", 0), (3.0, "features", 0.5)])
+def test_bands_equal_the_whole_image_with_smoothing_and_normalisation(sigma, normalise, adapt):
     rng = np.random.default_rng(4)
     h, w = 420, 333
     img = (rng.random((h, w)) * 255).astype(np.uint8)
@@ -144,12 +237,13 @@ def test_bands_equal_the_whole_image_with_smoothing_and_normalisation(sigma, nor
                           0.05 + rng.random((50, 40)).astype(np.float32))
     cfg = ModelConfig()
     smooth_img = ndi.gaussian_filter(img / 255.0, 2.0).astype(np.float32)
-    features = FeatureStats.fit([smooth_img], [np.abs(smooth_img - img / 255.0).astype(np.float32)])
+    residual = np.abs(smooth_img - img / 255.0)
+    features = FeatureStats.fit([smooth_img, smooth_img[:, ::-1] * 0.5], [residual] * 2, adapt)
 
     def inspector(region):
         torch.manual_seed(0)
         card = ModelCard(model=cfg, resize=None, threshold=0.5 if normalise == "none" else 1.0,
-                         score=ScoreConfig(sigma, normalise))
+                         score=ScoreConfig(sigma, normalise, adapt))
         return Inspector(build_model(cfg), card, InspectConfig(precision="float32", region_pixels=region),
                          stats={"position": stats, "features": features,
                                 "features+position": FeaturePositionStats(features, stats)}.get(normalise))
@@ -167,7 +261,11 @@ def test_bands_equal_the_whole_image_with_smoothing_and_normalisation(sigma, nor
     if sigma:
         expected = ndi.gaussian_filter(residual.astype(np.float64), sigma, mode="reflect", truncate=4.0)
     if normalise.startswith("features"):
-        f = _reference_features(img / 255.0, residual).reshape(-1, N_FEATURES) - features.mean
+        f = _reference_features(img / 255.0, residual).reshape(-1, N_FEATURES)
+        if adapt:
+            ratio = np.clip(_reference_contrast(img / 255.0) / features.reference, 0.1, 10.0)   # clipped
+            f = f * np.append(ratio ** -adapt, 1.0)
+        f = f - features.mean
         inv = features.whiten.T @ features.whiten
         distance = np.minimum(np.sqrt(np.einsum("ij,jk,ik->i", f, inv, f)), Z_MAX).reshape(h, w)
         expected = ndi.gaussian_filter(distance, sigma, mode="reflect", truncate=4.0)
