@@ -159,6 +159,8 @@ def main() -> None:
     ap.add_argument("--precision", default="bfloat16", help="float32 is used where the CPU lacks native bf16")
     ap.add_argument("--calibration-images", type=int, default=80,
                     help="defect-free training images (evenly spaced) that calibration uses")
+    ap.add_argument("--baseline-scales", type=float, nargs="*", default=[],
+                    help="also the no-learning baseline at these scales (its sigmas are in processed pixels)")
     ap.add_argument("--out", default="benchmarks/quality_real.jsonl")
     a = ap.parse_args()
     base_work = a.work
@@ -177,15 +179,18 @@ def main() -> None:
                   "schedule": {"patches": a.patches, "epochs": a.epochs, "batch_size": a.batch_size,
                                "seed": a.seed},
                   "calibration_images": a.calibration_images}
-        rows = [baseline(root, scale)] + [_row(a, root, r, patches, calib) for r in a.rows]
+        rows = [baseline(root, scale)]
+        rows += [{**baseline(root, s), "row": f"no-learning baseline at scale {s:g}"}
+                 for s in a.baseline_scales]
+        rows += [_row(a, root, r, patches, calib) for r in a.rows]
         for r in rows:
             line = {**common, **r}
             print(json.dumps(line), flush=True)
             with open(a.out, "a") as f:
                 f.write(json.dumps(line) + "\n")
-        print(f"\n{name} (scale {scale:.3g})\n{'row':36} pixel AUROC  AU-PRO  image AUROC")
+        print(f"\n{name} (scale {scale:.3g})\n{'row':40} pixel AUROC  AU-PRO  image AUROC")
         for r in rows:
-            print(f"{r['row']:36} {r['pixel_auroc']:11.3f} {r['au_pro']:7.3f} {r['image_auroc']:12.3f}")
+            print(f"{r['row']:40} {r['pixel_auroc']:11.3f} {r['au_pro']:7.3f} {r['image_auroc']:12.3f}")
 
 
 if __name__ == "__main__":

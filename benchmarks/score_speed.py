@@ -2,8 +2,8 @@
 
 One process, one model, the same images: the per-image step (``Inspector.inspect``: windows,
 reconstruction, residual, score, opening, mask) runs with the paper's score, with smoothing
-(sigma 4), with smoothing and position normalisation, and with smoothing (sigma 3) and feature
-normalisation. Rounds rotate the order so that drift
+(sigma 4), with smoothing and position normalisation, with smoothing (sigma 3) and feature
+normalisation, and with that and contrast adaptation 0.5. Rounds rotate the order so that drift
 cancels; each round gives a ratio to the paper's time and the median is reported. Prints JSON;
 docs/benchmarks.md records it.
 
@@ -31,7 +31,8 @@ from ray_inspect.steps.inspector import Inspector
 
 VARIANTS = {"paper": ScoreConfig(), "smoothing": ScoreConfig(4.0),
             "smoothing+position": ScoreConfig(4.0, "position"),
-            "smoothing+features": ScoreConfig(3.0, "features")}
+            "smoothing+features": ScoreConfig(3.0, "features"),
+            "smoothing+features+contrast": ScoreConfig(3.0, "features", adapt_contrast=0.5)}
 
 
 def main() -> None:
@@ -50,9 +51,16 @@ def main() -> None:
     stats = PositionStats(rng.random((h, w)).astype(np.float32) * 0.3,
                           0.05 + rng.random((h, w)).astype(np.float32))
     grey = [i.astype(np.float32) / 255 for i in images[:2]]
-    stats = {"position": stats, "features": FeatureStats.fit(grey, [np.abs(g - 0.5) for g in grey])}
+    residuals = [np.abs(g - 0.5) for g in grey]
+    fitted = {0.0: FeatureStats.fit(grey, residuals), 0.5: FeatureStats.fit(grey, residuals, adapt=0.5)}
+
+    def stats_for(score: ScoreConfig):
+        if score.normalise == "position":
+            return stats
+        return fitted[score.adapt_contrast] if score.normalise == "features" else None
+
     inspectors = {name: Inspector(model, ModelCard(model=cfg, resize=None, threshold=1.0, score=score),
-                                  InspectConfig(precision=a.precision), stats=stats.get(score.normalise))
+                                  InspectConfig(precision=a.precision), stats=stats_for(score))
                   for name, score in VARIANTS.items()}
     for insp in inspectors.values():                     # warm-up: grids, kernels, allocator
         insp.inspect(images[0], "warm")

@@ -89,14 +89,14 @@ def image_feature_samples(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> 
     """``local_features(image, ...)[ys][:, xs]`` without the residual: (len(ys), len(xs),
     N_IMAGE_FEATURES). Filters along x only the rows it keeps, so sparse rows cost far less."""
     one = np.ones(1, np.float32)
+
+    def along_x(rows: np.ndarray, k: np.ndarray) -> np.ndarray:
+        return _separable(rows, one, k)[:, xs]
+
     out = np.empty((len(ys), len(xs), N_IMAGE_FEATURES), np.float32)
     for i, s in enumerate(JET_SCALES):
         g0, g1, g2 = (gaussian_kernel(s, k) for k in (0, 1, 2))
         y0, y1, y2 = (_separable(image, g, one)[ys] for g in (g0, g1, g2))    # filtered along y
-
-        def along_x(rows, k):
-            return _separable(rows, one, k)[:, xs]
-
         hyy, hxx, hxy = along_x(y2, g0), along_x(y0, g2), along_x(y1, g1)
         gy, gx = along_x(y1, g0), along_x(y0, g1)
         half_trace = 0.5 * (hxx + hyy)
@@ -122,6 +122,8 @@ def image_contrast(grey_rows: Callable[[int, int], np.ndarray], height: int, wid
             c0, c1 = max(0, r0 - FEATURE_HALO), min(height, r0 + step + FEATURE_HALO)
             block = np.asarray(grey_rows(c0, c1), np.float32)
             samples.append(image_feature_samples(block, picked - c0, xs).reshape(-1, N_IMAGE_FEATURES))
+    if not samples:
+        raise ValueError(f"a {width}x{height} image is too small to measure its contrast")
     f = np.ascontiguousarray(np.concatenate(samples).T, np.float64)        # (N_IMAGE_FEATURES, samples)
     return 1.4826 * np.median(np.abs(f - np.median(f, axis=1, keepdims=True)), axis=1)
 
