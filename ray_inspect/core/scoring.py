@@ -72,14 +72,21 @@ def local_features(image: np.ndarray, residual: np.ndarray) -> np.ndarray:
     out = np.empty((*image.shape, N_FEATURES), np.float32)
     for i, s in enumerate(JET_SCALES):
         g0, g1, g2 = (gaussian_kernel(s, k) for k in (0, 1, 2))
-        hyy, hxx, hxy = _separable(image, g2, g0), _separable(image, g0, g2), _separable(image, g1, g1)
-        half_trace = 0.5 * (hxx + hyy)
-        spread = np.sqrt(0.25 * (hxx - hyy) ** 2 + hxy**2)
-        out[..., 3 * i] = s * s * (half_trace + spread)
-        out[..., 3 * i + 1] = s * s * (half_trace - spread)
-        out[..., 3 * i + 2] = s * np.hypot(_separable(image, g1, g0), _separable(image, g0, g1))
+        _jet(out[..., 3 * i : 3 * i + 3], s, _separable(image, g2, g0), _separable(image, g0, g2),
+             _separable(image, g1, g1), _separable(image, g1, g0), _separable(image, g0, g1))
     out[..., -1] = smooth(residual, RESIDUAL_SIGMA)
     return out
+
+
+def _jet(out: np.ndarray, s: float, hyy: np.ndarray, hxx: np.ndarray, hxy: np.ndarray,  # noqa: PLR0913 - the five derivatives
+         gy: np.ndarray, gx: np.ndarray) -> None:
+    """Write one scale's three features into ``out`` (..., 3): the Hessian's larger and smaller
+    eigenvalue times s^2, the gradient magnitude times s."""
+    half_trace = 0.5 * (hxx + hyy)
+    spread = np.sqrt(0.25 * (hxx - hyy) ** 2 + hxy**2)
+    out[..., 0] = s * s * (half_trace + spread)
+    out[..., 1] = s * s * (half_trace - spread)
+    out[..., 2] = s * np.hypot(gy, gx)
 
 
 FEATURE_HALO = smoothing_radius(max(*JET_SCALES, RESIDUAL_SIGMA))
@@ -97,13 +104,8 @@ def image_feature_samples(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> 
     for i, s in enumerate(JET_SCALES):
         g0, g1, g2 = (gaussian_kernel(s, k) for k in (0, 1, 2))
         y0, y1, y2 = (_separable(image, g, one)[ys] for g in (g0, g1, g2))    # filtered along y
-        hyy, hxx, hxy = along_x(y2, g0), along_x(y0, g2), along_x(y1, g1)
-        gy, gx = along_x(y1, g0), along_x(y0, g1)
-        half_trace = 0.5 * (hxx + hyy)
-        spread = np.sqrt(0.25 * (hxx - hyy) ** 2 + hxy**2)
-        out[..., 3 * i] = s * s * (half_trace + spread)
-        out[..., 3 * i + 1] = s * s * (half_trace - spread)
-        out[..., 3 * i + 2] = s * np.hypot(gy, gx)
+        _jet(out[..., 3 * i : 3 * i + 3], s, along_x(y2, g0), along_x(y0, g2), along_x(y1, g1),
+             along_x(y1, g0), along_x(y0, g1))
     return out
 
 
