@@ -83,7 +83,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
         _route_ray_errors()
         if address:
             ray.init(address=address, **quiet, **kwargs)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet, **kwargs)
+        else:   # "local": never the machine's current Ray that someone else started
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                     **quiet, **kwargs)
         _quiet_ray_loggers(not _verbose)   # ray.init configures its loggers anew
     return ray.cluster_resources()
