@@ -73,6 +73,32 @@ def _subset(folder: str, dest: str, k: int) -> str:
     return dest
 
 
+def _contrast_copy(root: str, dest: str, gain: float) -> str:
+    """A copy of the data set whose test images have their contrast about their mean scaled by
+    ``gain`` (a camera's gain drifting after calibration); train/ and ground_truth/ are links."""
+    from PIL import Image
+
+    for part in ("train", "ground_truth"):
+        link = os.path.join(dest, part)
+        if not os.path.exists(link):
+            os.makedirs(dest, exist_ok=True)
+            os.symlink(os.path.abspath(os.path.join(root, part)), link)
+    for folder, _, files in os.walk(os.path.join(root, "test")):
+        out = os.path.join(dest, os.path.relpath(folder, root))
+        os.makedirs(out, exist_ok=True)
+        for n in files:
+            if os.path.exists(os.path.join(out, n)):
+                continue
+            with Image.open(os.path.join(folder, n)) as im:
+                if im.mode not in ("L", "RGB"):
+                    raise SystemExit(f"{os.path.join(folder, n)}: --test-contrast takes 8-bit grey or RGB")
+                x = np.asarray(im, np.float64)
+                mode, fmt = im.mode, im.format
+            y = np.clip(np.rint(x.mean() + gain * (x - x.mean())), 0, 255).astype(np.uint8)
+            Image.fromarray(y, mode).save(os.path.join(out, n), format=fmt)
+    return dest
+
+
 def _train(a: argparse.Namespace, name: str, patches: str) -> tuple[str, float]:
     model = os.path.join(a.work, f"model-{name}")
     if os.path.exists(os.path.join(model, "card.json")):
@@ -91,7 +117,7 @@ def _train(a: argparse.Namespace, name: str, patches: str) -> tuple[str, float]:
     return model, seconds
 
 
-def _row(a: argparse.Namespace, root: str, row: str, patches: str, calib: str) -> dict:
+def _row(a: argparse.Namespace, root: str, row: str, patches: str, calib: str, tag: str = "") -> dict:  # noqa: PLR0913 - the run, what to scan and calibrate on
     recipe, score = ROWS[row]
     trained, train_s = _train(a, recipe, patches)
     model = os.path.join(a.work, f"model-{recipe}-{row}")
@@ -99,7 +125,7 @@ def _row(a: argparse.Namespace, root: str, row: str, patches: str, calib: str) -
         shutil.copytree(trained, model)
     t0 = time.time()
     cal = cli("calibrate", model, calib, "--fpr", "0.01", *score)
-    out = os.path.join(a.work, f"scan-{row}")
+    out = os.path.join(a.work, f"scan-{row}{tag}")
     summary = cli("scan", model, root, out)
     scan_s = time.time() - t0
     m = summary["metrics"]
@@ -161,6 +187,8 @@ def main() -> None:
                     help="defect-free training images (evenly spaced) that calibration uses")
     ap.add_argument("--baseline-scales", type=float, nargs="*", default=[],
                     help="also the no-learning baseline at these scales (its sigmas are in processed pixels)")
+    ap.add_argument("--test-contrast", type=float, default=1.0,
+                    help="scan test images whose contrast is scaled by this factor (calibration unchanged)")
     ap.add_argument("--out", default="benchmarks/quality_real.jsonl")
     a = ap.parse_args()
     base_work = a.work
@@ -179,10 +207,15 @@ def main() -> None:
                   "schedule": {"patches": a.patches, "epochs": a.epochs, "batch_size": a.batch_size,
                                "seed": a.seed},
                   "calibration_images": a.calibration_images}
-        rows = [baseline(root, scale)]
-        rows += [{**baseline(root, s), "row": f"no-learning baseline at scale {s:g}"}
+        tag, scanned = "", root
+        if a.test_contrast != 1:
+            tag = f"-contrast{a.test_contrast:g}"
+            scanned = _contrast_copy(root, os.path.join(a.work, f"data{tag}"), a.test_contrast)
+            common["test_contrast"] = a.test_contrast
+        rows = [baseline(scanned, scale)]
+        rows += [{**baseline(scanned, s), "row": f"no-learning baseline at scale {s:g}"}
                  for s in a.baseline_scales]
-        rows += [_row(a, root, r, patches, calib) for r in a.rows]
+        rows += [_row(a, scanned, r, patches, calib, tag) for r in a.rows]
         for r in rows:
             line = {**common, **r}
             print(json.dumps(line), flush=True)
