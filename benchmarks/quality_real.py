@@ -92,10 +92,10 @@ def _contrast_copy(root: str, dest: str, gain: float) -> str:
             with Image.open(os.path.join(folder, n)) as im:
                 if im.mode not in ("L", "RGB"):
                     raise SystemExit(f"{os.path.join(folder, n)}: --test-contrast takes 8-bit grey or RGB")
-                x = np.asarray(im, np.float64)
-                mode, fmt = im.mode, im.format
+                x, fmt = np.asarray(im, np.float64), im.format
             y = np.clip(np.rint(x.mean() + gain * (x - x.mean())), 0, 255).astype(np.uint8)
-            Image.fromarray(y, mode).save(os.path.join(out, n), format=fmt)
+            Image.fromarray(y).save(os.path.join(out, n + ".part"), format=fmt)   # lossy for JPEG
+            os.replace(os.path.join(out, n + ".part"), os.path.join(out, n))
     return dest
 
 

@@ -110,13 +110,13 @@ def image_feature_samples(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> 
 
 
 def image_contrast(grey_rows: Callable[[int, int], np.ndarray], height: int, width: int,
-                   chunk_pixels: int = 1 << 18) -> np.ndarray:
+                   chunk_pixels: int = 1 << 20) -> np.ndarray:
     """The image's spread of each image feature: 1.4826 x the median absolute deviation over a grid
     of every CONTRAST_STRIDE-th pixel (robust to a defect covering part of it). ``grey_rows(a, b)``
     gives rows [a, b) of the grey image, so a large image is read a block at a time."""
     xs = np.arange(CONTRAST_STRIDE // 2, width, CONTRAST_STRIDE)
     ys = np.arange(CONTRAST_STRIDE // 2, height, CONTRAST_STRIDE)
-    step = max(CONTRAST_STRIDE, chunk_pixels // max(width, 1))
+    step = max(4 * FEATURE_HALO, chunk_pixels // max(width, 1))   # the halo adds at most half
     samples = []
     for r0 in range(0, height, step):
         picked = ys[(ys >= r0) & (ys < r0 + step)]
@@ -204,6 +204,10 @@ class FeatureStats:
     whiten: np.ndarray   # (N_FEATURES, N_FEATURES) float64, lower triangular
     adapt: float = 0.0
     reference: np.ndarray | None = None   # (N_IMAGE_FEATURES,) float64, with adapt > 0
+
+    def __post_init__(self) -> None:
+        if self.adapt > 0 and (self.reference is None or np.shape(self.reference) != (N_IMAGE_FEATURES,)):
+            raise ValueError(f"contrast adaptation needs {N_IMAGE_FEATURES} reference spreads")
 
     @classmethod
     def fit(cls, images: list[np.ndarray], residuals: list[np.ndarray], adapt: float = 0.0) -> FeatureStats:

@@ -234,10 +234,11 @@ def save_normaliser(url: str, stats: Stats) -> tuple[str, str]:
     features = stats.features if isinstance(stats, FeaturePositionStats) else stats
     position = stats.position if isinstance(stats, FeaturePositionStats) else stats
     arrays = {}
-    if isinstance(features, FeatureStats):
+    if isinstance(features, FeatureStats) and features.adapt > 0:   # a key a reader without adaptation lacks
+        arrays.update(feature_mean=features.mean, whiten_adapted=features.whiten,
+                      adapt=np.float64(features.adapt), contrast_reference=features.reference)
+    elif isinstance(features, FeatureStats):
         arrays.update(feature_mean=features.mean, whiten=features.whiten)
-        if features.adapt > 0:
-            arrays.update(adapt=np.float64(features.adapt), contrast_reference=features.reference)
     if isinstance(position, PositionStats):
         arrays.update(mean=position.mean, std=position.std)
     np.savez(buf, **arrays)
@@ -263,11 +264,12 @@ def load_normaliser(url: str, card: ModelCard) -> Stats | None:
     except (ValueError, OSError) as exc:
         raise ValueError(f"{path}: not a normaliser file ({exc})") from None
     kind = card.score.normalise
-    keys = {"features": ("feature_mean", "whiten"), "position": ("mean", "std"),
-            "features+position": ("feature_mean", "whiten", "mean", "std")}.get(kind, ())
-    if not keys or not all(k in arrays for k in keys):
+    keys = {"features": ("feature_mean",), "position": ("mean", "std"),
+            "features+position": ("feature_mean", "mean", "std")}.get(kind, ())
+    whitened = bool({"whiten", "whiten_adapted"} & set(arrays))
+    if not keys or not all(k in arrays for k in keys) or (kind.startswith("features") and not whitened):
         raise ValueError(f"{path}: not a {kind} normaliser file (it holds {', '.join(sorted(arrays))})")
-    features = _feature_stats(path, arrays, card.score.adapt_contrast) if "whiten" in keys else None
+    features = _feature_stats(path, arrays, card.score.adapt_contrast) if "feature_mean" in keys else None
     position = _position_stats(path, arrays) if "std" in keys else None
     if features is not None and position is not None:
         return FeaturePositionStats(features, position)
@@ -275,13 +277,17 @@ def load_normaliser(url: str, card: ModelCard) -> Stats | None:
 
 
 def _feature_stats(path: str, arrays: dict[str, np.ndarray], adapt: float) -> FeatureStats:
-    mean, whiten = arrays["feature_mean"].astype(np.float64), arrays["whiten"].astype(np.float64)
+    """Adapted statistics keep their whitening under another key, so that a reader that knows no
+    adaptation refuses them instead of scoring without it."""
+    stored = arrays.get("adapt", np.float64(0.0))
+    stored = float(stored) if np.shape(stored) == () else float("nan")
+    if stored != adapt:
+        raise ValueError(f"{path}: learned with contrast adaptation {stored:g}, the card says {adapt:g}")
+    mean = arrays["feature_mean"].astype(np.float64)
+    whiten = arrays.get("whiten_adapted" if adapt else "whiten", np.zeros(0)).astype(np.float64)
     if mean.shape != (N_FEATURES,) or whiten.shape != (N_FEATURES, N_FEATURES) \
             or not (np.isfinite(mean).all() and np.isfinite(whiten).all()):
         raise ValueError(f"{path}: feature statistics are malformed")
-    stored = arrays.get("adapt", np.float64(0.0))
-    if np.shape(stored) != () or float(stored) != adapt:
-        raise ValueError(f"{path}: learned with contrast adaptation {stored}, the card says {adapt:g}")
     if not adapt:
         return FeatureStats(mean, whiten)
     reference = arrays.get("contrast_reference", np.zeros(0)).astype(np.float64)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,3 +42,4 @@ def test_without_an_address_a_running_local_ray_is_not_joined():
     finally:
         head.terminate()
         head.wait(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -145,11 +145,17 @@ def test_contrast_adaptation_round_trips_and_must_match_the_card(tmp_path):
     with pytest.raises(ValueError, match=r"normaliser-.*adaptation 0.5, the card says 0$"):
         load_normaliser(url, as_card(stats, 0.0))
     plain = FeatureStats(stats.mean, stats.whiten)
-    with pytest.raises(ValueError, match=r"normaliser-.*adaptation 0.0, the card says 0.5$"):
+    with pytest.raises(ValueError, match=r"normaliser-.*adaptation 0, the card says 0.5$"):
         load_normaliser(url, as_card(plain, 0.5))
     bad = FeatureStats(stats.mean, stats.whiten, 0.5, np.zeros(N_IMAGE_FEATURES))
     with pytest.raises(ValueError, match=r"normaliser-.*contrast reference is malformed$"):
         load_normaliser(url, as_card(bad, 0.5))
+    # a reader that knows no adaptation finds no "whiten" and refuses the file rather than misread it
+    name, _ = save_normaliser(url, stats)
+    with np.load(tmp_path / "m" / name) as z:
+        assert "whiten" not in z.files and "whiten_adapted" in z.files
+    with pytest.raises(ValueError, match="contrast adaptation needs 12 reference spreads"):
+        FeatureStats(stats.mean, stats.whiten, 0.5)
 
 
 @pytest.fixture

@@ -70,6 +70,7 @@ def test_feature_normalisation_is_learned_from_the_validation_images_raw_residua
     opened = np.concatenate([m.opened.ravel() for m in _maps(model_url, dataset, stats=stats)])
     assert 0.04 <= (opened > card.threshold).mean() <= 0.05
 
+
 def test_contrast_adaptation_is_learned_with_the_feature_statistics(dataset, model_url):
     score = ScoreConfig(3.0, "features", adapt_contrast=0.5)
     res = calibrate(model_url, dataset, fpr=0.05, cfg=FAST, score=score)

@@ -143,7 +143,7 @@ def _reference_contrast(img: np.ndarray) -> np.ndarray:
     return 1.4826 * np.median(np.abs(f - np.median(f, axis=0)), axis=0)
 
 
-@pytest.mark.parametrize("shape", [(90, 130), (18, 40)])       # 18 rows: narrower than the sigma-8 kernel
+@pytest.mark.parametrize("shape", [(300, 130), (18, 40)])      # 18 rows: narrower than the sigma-8 kernel
 def test_image_contrast_is_the_mad_of_the_features_on_a_sparse_grid(shape):
     rng = np.random.default_rng(8)
     img = ndi.gaussian_filter(rng.random(shape), 1.2).astype(np.float32)
@@ -153,11 +153,11 @@ def test_image_contrast_is_the_mad_of_the_features_on_a_sparse_grid(shape):
     expected = _reference_contrast(img)
     whole = image_contrast(lambda a, b: img[a:b], *shape)
     np.testing.assert_allclose(whole, expected, rtol=1e-4)
-    read = []                                                    # a block of rows at a time, 8 rows per block
+    read = []                                          # a block of rows at a time: at least 4 halos of 32
     blocks = image_contrast(lambda a, b: read.append((a, b)) or img[a:b], *shape, chunk_pixels=8 * shape[1])
     np.testing.assert_array_equal(blocks, whole)
-    assert len(read) == len({y // 8 for y in range(2, shape[0], 4)})
-    assert max(b - a for a, b in read) <= min(shape[0], 8 + 2 * 32)   # a block and the sigma-8 halo
+    assert len(read) == len({y // 128 for y in range(2, shape[0], 4)})
+    assert max(b - a for a, b in read) <= min(shape[0], 128 + 2 * 32)   # a block and the sigma-8 halo
 
 
 def _textures(rng: np.random.Generator, gains: list[float]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -220,10 +220,8 @@ def test_contrast_adaptation_is_refused_where_it_cannot_apply():
     scorer = Scorer(ScoreConfig(normalise="features", adapt_contrast=0.5), adapted)
     with pytest.raises(ValueError, match="band needs the whole image's contrast"):
         scorer(res[0][10:40], (10, 40), (60, 70), imgs[0][10:40])
-    contrast = image_contrast(lambda a, b: imgs[0][a:b], 60, 70)
-    band = scorer(res[0][10:40], (10, 40), (60, 70), imgs[0][10:40], contrast)
-    again = Scorer(ScoreConfig(normalise="features", adapt_contrast=0.5), adapted)
-    np.testing.assert_array_equal(band, again(res[0][10:40], (10, 40), (60, 70), imgs[0][10:40], contrast))
+    contrast = image_contrast(lambda a, b: imgs[0][a:b], 60, 70)        # bands: the Inspector test below
+    assert scorer(res[0][10:40], (10, 40), (60, 70), imgs[0][10:40], contrast).shape == (30, 70)
 
 
 @pytest.mark.parametrize("sigma,normalise,adapt", [(4.0, "none", 0), (2.0, "position", 0),
