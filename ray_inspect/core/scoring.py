@@ -130,6 +130,11 @@ def image_contrast(grey_rows: Callable[[int, int], np.ndarray], height: int, wid
     return 1.4826 * np.median(np.abs(f - np.median(f, axis=1, keepdims=True)), axis=1)
 
 
+def contrast_of(image: np.ndarray) -> np.ndarray:
+    """``image_contrast`` of a grey image held in memory."""
+    return image_contrast(lambda a, b: image[a:b], *image.shape)
+
+
 def feature_blocks(image: np.ndarray, residual: np.ndarray, chunk_pixels: int = 1 << 20):
     """Yield ((r0, r1), ``local_features`` of rows [r0, r1)), each block computed with FEATURE_HALO
     rows of context, so memory stays at ``chunk_pixels`` x N_FEATURES whatever the image's size and
@@ -210,23 +215,22 @@ class FeatureStats:
             raise ValueError(f"contrast adaptation needs {N_IMAGE_FEATURES} reference spreads")
 
     @classmethod
-    def fit(cls, images: list[np.ndarray], residuals: list[np.ndarray], adapt: float = 0.0) -> FeatureStats:
+    def fit(cls, images: list[np.ndarray], residuals: list[np.ndarray], adapt: float = 0.0,
+            contrasts: list[np.ndarray] | None = None) -> FeatureStats:
         """Exact mean and covariance over every pixel of the defect-free images (float64 sums per
-        image, rescaled by each image's adaptation); a ridge of 1e-6 of the mean variance keeps a
-        feature that never varied invertible."""
-        n, sums, contrasts = 0, [], []
-        for image, residual in zip(images, residuals, strict=True):
-            total, outer = np.zeros(N_FEATURES), np.zeros((N_FEATURES, N_FEATURES))
+        image, rescaled by each image's adaptation; ``contrasts`` are the images' ``contrast_of``
+        where the caller has them); a ridge of 1e-6 of the mean variance keeps a feature that never
+        varied invertible."""
+        if adapt > 0 and contrasts is None:
+            contrasts = [contrast_of(image) for image in images]
+        reference = np.maximum(np.median(contrasts, axis=0), 1e-12) if adapt > 0 else None
+        n, total, outer = 0, np.zeros(N_FEATURES), np.zeros((N_FEATURES, N_FEATURES))
+        for i, (image, residual) in enumerate(zip(images, residuals, strict=True)):
+            t, o = np.zeros(N_FEATURES), np.zeros((N_FEATURES, N_FEATURES))
             for _, block in feature_blocks(image, residual):
                 f = block.reshape(-1, N_FEATURES).astype(np.float64)
-                n, total, outer = n + len(f), total + f.sum(0), outer + f.T @ f
-            sums.append((total, outer))
-            if adapt > 0:
-                contrasts.append(image_contrast(_rows_of(image), *image.shape))
-        reference = np.maximum(np.median(contrasts, axis=0), 1e-12) if adapt > 0 else None
-        total, outer = np.zeros(N_FEATURES), np.zeros((N_FEATURES, N_FEATURES))
-        for i, (t, o) in enumerate(sums):
-            a = _factors(contrasts[i], reference, adapt).astype(float) if contrasts else np.ones(N_FEATURES)
+                n, t, o = n + len(f), t + f.sum(0), o + f.T @ f
+            a = _factors(contrasts[i], reference, adapt).astype(float) if adapt > 0 else np.ones(N_FEATURES)
             total, outer = total + a * t, outer + o * np.outer(a, a)
         mean = total / n
         cov = outer / n - np.outer(mean, mean)
@@ -259,10 +263,6 @@ class FeatureStats:
         for (r0, r1), block in feature_blocks(image, residual, chunk_pixels):
             out[r0:r1] = self.distance(block, factors)
         return out
-
-
-def _rows_of(image: np.ndarray) -> Callable[[int, int], np.ndarray]:
-    return lambda a, b: image[a:b]
 
 
 def _factors(contrast: np.ndarray, reference: np.ndarray, adapt: float) -> np.ndarray:
@@ -312,7 +312,7 @@ class Scorer:
             if self.needs_contrast and contrast is None:
                 if tuple(rows) != (0, shape[0]):
                     raise ValueError("contrast adaptation of a band needs the whole image's contrast")
-                contrast = image_contrast(_rows_of(image), *image.shape)
+                contrast = contrast_of(image)
             score = smooth(self.features.score(image, residual, contrast), self.cfg.smooth_sigma)
         else:
             score = smooth(residual, self.cfg.smooth_sigma)

@@ -266,8 +266,7 @@ def load_normaliser(url: str, card: ModelCard) -> Stats | None:
     kind = card.score.normalise
     keys = {"features": ("feature_mean",), "position": ("mean", "std"),
             "features+position": ("feature_mean", "mean", "std")}.get(kind, ())
-    whitened = bool({"whiten", "whiten_adapted"} & set(arrays))
-    if not keys or not all(k in arrays for k in keys) or (kind.startswith("features") and not whitened):
+    if not keys or not all(k in arrays for k in keys):
         raise ValueError(f"{path}: not a {kind} normaliser file (it holds {', '.join(sorted(arrays))})")
     features = _feature_stats(path, arrays, card.score.adapt_contrast) if "feature_mean" in keys else None
     position = _position_stats(path, arrays) if "std" in keys else None

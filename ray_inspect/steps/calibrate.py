@@ -13,7 +13,14 @@ from typing import Callable
 import numpy as np
 
 from ray_inspect.config import InspectConfig, ScoreConfig
-from ray_inspect.core.scoring import FeaturePositionStats, FeatureStats, PositionStats, Scorer, Stats
+from ray_inspect.core.scoring import (
+    FeaturePositionStats,
+    FeatureStats,
+    PositionStats,
+    Scorer,
+    Stats,
+    contrast_of,
+)
 from ray_inspect.core.segmentation import open_residual, threshold_for_fpr, threshold_for_min_area
 from ray_inspect.io.artifact import load_model, save_normaliser, score_range, write_card
 from ray_inspect.io.datasets import Sample, defect_free
@@ -79,9 +86,10 @@ def _fit(score: ScoreConfig, residuals: list[np.ndarray], greys: list[np.ndarray
     if score.normalise == "position":
         stats = PositionStats.fit(residuals)
         return stats, _apply(Scorer(ScoreConfig(0.0, "position"), stats), residuals)
-    features = FeatureStats.fit(greys, residuals, score.adapt_contrast)
+    contrasts = [contrast_of(g) for g in greys] if score.adapt_contrast else None   # measured once
+    features = FeatureStats.fit(greys, residuals, score.adapt_contrast, contrasts)
     distances = _apply(Scorer(ScoreConfig(score.smooth_sigma, "features", score.adapt_contrast), features),
-                       residuals, greys)
+                       residuals, greys, contrasts)
     if score.normalise == "features":
         return features, distances
     position = PositionStats.fit(distances)
@@ -89,7 +97,9 @@ def _fit(score: ScoreConfig, residuals: list[np.ndarray], greys: list[np.ndarray
                                                             distances)
 
 
-def _apply(scorer: Scorer, maps: list[np.ndarray], greys: list[np.ndarray] | None = None) -> list[np.ndarray]:
-    """``scorer`` over whole maps (with their grey images where it needs them)."""
+def _apply(scorer: Scorer, maps: list[np.ndarray], greys: list[np.ndarray] | None = None,
+           contrasts: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """``scorer`` over whole maps (with their grey images and contrasts where it needs them)."""
     greys = greys if greys is not None else [None] * len(maps)
-    return [scorer(m, (0, m.shape[0]), m.shape, g) for m, g in zip(maps, greys, strict=True)]
+    contrasts = contrasts if contrasts is not None else [None] * len(maps)
+    return [scorer(m, (0, m.shape[0]), m.shape, g, c) for m, g, c in zip(maps, greys, contrasts, strict=True)]
